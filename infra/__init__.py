@@ -1,0 +1,1 @@
+"""deepfleet: infrastructure as code for private DeepSeek inference clusters."""
