@@ -7,7 +7,7 @@ helpers (bandwidth arithmetic, nvidia-smi parsing) import and test on a machine 
 
     python3 burnin.py --json > burnin.json
 
-What it measures, per GPU, one GPU after another:
+What it measures, per GPU (all GPUs at once, one thread each; --sequential for one at a time):
 - dense bf16 matrix product rate (TFLOP/s): an M x K by K x N product on random data, 2*M*N*K
   operations each; warm-up, then several timed samples with CUDA events; the median is reported.
   A small product is also checked against a float64 reference on the CPU (relative error).
@@ -29,6 +29,7 @@ NVLink multicast (NVLS) stays off: NCCL_NVLS_ENABLE=0 and friends are forced in 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import datetime as _dt
 import functools
@@ -507,6 +508,54 @@ def collect_versions() -> dict[str, Any]:
     }
 
 
+def measure_gpu(
+    index: int, facts: dict[str, Any] | None, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Matmul and copy figures of one GPU; an exception becomes the entry's "error"."""
+    import torch
+
+    props = torch.cuda.get_device_properties(index)
+    torch_uuid = str(getattr(props, "uuid", "")) or None
+    smi_id = (facts or {}).get("uuid") or (str(index) if facts else None)
+    gpu: dict[str, Any] = {
+        "index": index,
+        "name": props.name,
+        "uuid": (facts or {}).get("uuid") or torch_uuid,
+        "memory_total_bytes": int(props.total_memory),
+        "sm_count": int(props.multi_processor_count),
+        "compute_capability": f"{props.major}.{props.minor}",
+    }
+    try:
+        with torch.cuda.device(index):
+            gpu.update(
+                measure_matmul(
+                    index,
+                    args.matmul_size,
+                    warmup_s=args.warmup_s,
+                    samples=args.samples,
+                    probe=functools.partial(probe_under_load, smi_id) if smi_id else None,
+                )
+            )
+            gpu.update(
+                measure_copy(index, args.copy_bytes, warmup_s=args.warmup_s, samples=args.samples)
+            )
+            torch.cuda.empty_cache()
+    except Exception as exc:  # a broken GPU must not hide the figures of the others
+        gpu["error"] = f"{type(exc).__name__}: {exc}"
+    if facts is not None:
+        gpu["ecc_uncorrected_volatile"] = facts["ecc_uncorrected_volatile"]
+        gpu["idle"] = {
+            "sm_clock_mhz": facts["sm_clock_mhz"],
+            "power_w": facts["power_w"],
+            "temperature_c": facts["temperature_c"],
+        }
+    _log(
+        f"GPU {index}: {gpu.get('matmul_tflops', float('nan')):.0f} TFLOP/s, "
+        f"{gpu.get('copy_gbps', float('nan')):.0f} GB/s"
+    )
+    return gpu
+
+
 def run_burnin(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -549,52 +598,28 @@ def run_burnin(args: argparse.Namespace) -> dict[str, Any]:
     smi_by_index = {row["index"]: row for row in smi_rows}
     if smi_rows:
         report["versions"]["driver"] = smi_rows[0]["driver_version"]
-    gpus: list[dict[str, Any]] = []
+    facts_of: dict[int, dict[str, Any] | None] = {}
     for index in range(count):
-        props = torch.cuda.get_device_properties(index)
-        torch_uuid = str(getattr(props, "uuid", "")) or None
-        facts = smi_by_uuid.get(uuid_key(torch_uuid)) or (
+        torch_uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", "")) or None
+        facts_of[index] = smi_by_uuid.get(uuid_key(torch_uuid)) or (
             smi_by_index.get(index) if torch_uuid is None else None
         )
-        smi_id = (facts or {}).get("uuid") or (str(index) if facts else None)
-        gpu: dict[str, Any] = {
-            "index": index,
-            "name": props.name,
-            "uuid": (facts or {}).get("uuid") or torch_uuid,
-            "memory_total_bytes": int(props.total_memory),
-            "sm_count": int(props.multi_processor_count),
-            "compute_capability": f"{props.major}.{props.minor}",
-        }
-        _log(f"GPU {index} {props.name}: matmul {args.matmul_size}^3 bf16, copy ...")
-        try:
-            gpu.update(
-                measure_matmul(
-                    index,
-                    args.matmul_size,
-                    warmup_s=args.warmup_s,
-                    samples=args.samples,
-                    probe=functools.partial(probe_under_load, smi_id) if smi_id else None,
-                )
-            )
-            gpu.update(
-                measure_copy(index, args.copy_bytes, warmup_s=args.warmup_s, samples=args.samples)
-            )
-        except Exception as exc:  # a broken GPU must not hide the figures of the others
-            gpu["error"] = f"{type(exc).__name__}: {exc}"
-            report["errors"].append(f"GPU {index}: {gpu['error']}")
-        torch.cuda.empty_cache()
-        if facts is not None:
-            gpu["ecc_uncorrected_volatile"] = facts["ecc_uncorrected_volatile"]
-            gpu["idle"] = {
-                "sm_clock_mhz": facts["sm_clock_mhz"],
-                "power_w": facts["power_w"],
-                "temperature_c": facts["temperature_c"],
-            }
-        gpus.append(gpu)
-        _log(
-            f"GPU {index}: {gpu.get('matmul_tflops', float('nan')):.0f} TFLOP/s, "
-            f"{gpu.get('copy_gbps', float('nan')):.0f} GB/s"
-        )
+    mode = "sequential" if args.sequential else "parallel"
+    report["method"]["gpus"] = (
+        "one after another" if args.sequential else "all at once, one thread per GPU"
+    )
+    _log(f"{count} GPU(s), {mode}: matmul {args.matmul_size}^3 bf16, then copy ...")
+    if args.sequential:
+        gpus = [measure_gpu(index, facts_of[index], args) for index in range(count)]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, count)) as pool:
+            futures = [
+                pool.submit(measure_gpu, index, facts_of[index], args) for index in range(count)
+            ]
+            gpus = [future.result() for future in futures]
+    for gpu in gpus:
+        if "error" in gpu:
+            report["errors"].append(f"GPU {gpu['index']}: {gpu['error']}")
     names = sorted({gpu["name"] for gpu in gpus})
     report["gpu_name"] = names[0] if len(names) == 1 else " / ".join(names)
     report["gpu_count"] = count
@@ -663,6 +688,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sizes", type=lambda text: [parse_size(part) for part in text.split(",")],
         default=list(DEFAULT_ALLREDUCE_SIZES), help="all-reduce message sizes, e.g. 1M,64M,1G",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sequential", action="store_true",
+        help="measure GPUs one after another (default: all at once, as when serving)",
     )  # fmt: skip
     parser.add_argument("--skip-allreduce", action="store_true")
     parser.add_argument(
