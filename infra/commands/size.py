@@ -109,39 +109,47 @@ def _print_human(report: SizingReport, active_params: int | None) -> None:
     rec = report.recommended
     params = _billions(report.model_params)
     if active_params and active_params != report.model_params:
-        params += f" ({_billions(active_params)} active)"
+        params += f", {_billions(active_params)} active"
     verdict = "[bold green]fits[/]" if report.fits else "[bold red]does not fit[/]"
+    gpus = f"{rec.tp} GPU" if rec.tp == 1 else f"{rec.tp} GPUs"
+    nodes = f"{rec.nodes} node" if rec.nodes == 1 else f"{rec.nodes} nodes"
+    capacity = (
+        "n/a (embedding model, no KV cache)"
+        if report.kv_bytes_per_token == 0 and report.fits
+        else f"{report.kv_cache_tokens:,} tokens per replica"
+    )
 
     table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
+    table.add_column(style="bold", no_wrap=True)
     table.add_column()
-    table.add_row(
-        "model", f"{report.model}  {params}, {report.dtype} weights, {report.kv_dtype} KV"
-    )
-    table.add_row(
-        "gpu",
-        f"{report.gpu}  {report.gpu_memory_gb:.1f} GB each, {report.gpus_per_node} per node",
-    )
-    table.add_row("verdict", verdict)
-    table.add_row(
-        "required",
-        f"{report.required_gb:.1f} GB on {rec.tp} GPUs ({report.per_gpu_required_gb:.1f} GB each)",
-    )
-    table.add_row("  weights", f"{report.weights_gb:.1f} GB")
-    table.add_row(
-        "  kv cache",
-        f"{report.kv_cache_gb:.1f} GB for {report.context:,} tokens x {report.concurrency}",
-    )
-    table.add_row("  overhead", f"{report.overhead_gb:.1f} GB")
-    table.add_row("available", f"{report.available_gb:.1f} GB")
-    table.add_row("kv capacity", f"{report.kv_cache_tokens:,} tokens")
-    nodes = "node" if rec.nodes == 1 else "nodes"
-    table.add_row(
-        "layout",
-        f"tp {rec.tp}, dp {rec.dp}, {rec.nodes} {nodes}, "
-        f"mem_fraction_static {rec.mem_fraction_static:.2f}",
-    )
-    table.add_row("sglang", " ".join(report.engine_args()))
+    rows = [
+        ("model", f"{report.model} ({params})"),
+        ("precision", f"{report.dtype} weights, {report.kv_dtype} KV cache"),
+        ("gpu", f"{report.gpu}, {report.gpu_memory_gb:.1f} GB each, {report.gpus_per_node}/node"),
+        ("verdict", verdict),
+        (
+            "required",
+            f"{report.required_gb:.1f} GB per replica "
+            f"({report.per_gpu_required_gb:.1f} GB x {gpus})",
+        ),
+        ("  weights", f"{report.weights_gb:.1f} GB"),
+        (
+            "  kv cache",
+            f"{report.kv_cache_gb:.1f} GB for {report.context:,} tokens x {report.concurrency}",
+        ),
+        ("  overhead", f"{report.overhead_gb:.1f} GB"),
+        ("available", f"{report.available_gb:.1f} GB per replica"),
+        ("kv capacity", capacity),
+        (
+            "layout",
+            f"tp {rec.tp}, dp {rec.dp}, {nodes}, mem_fraction_static {rec.mem_fraction_static:.2f}",
+        ),
+    ]
+    # Flags for a layout that does not fit would only be copied into a failing launch.
+    if report.fits:
+        rows.append(("sglang", " ".join(report.engine_args())))
+    for label, value in rows:
+        table.add_row(label, value)
     console.print(table)
     for reason in report.reasons:
         console.print(f"{'ok' if report.fits else 'why'}: {reason}", soft_wrap=True)
