@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -133,7 +132,7 @@ def run_ssh(args: argparse.Namespace) -> int:
         remote = remote[1:]
     argv = ssh_argv(plan, paths, args.node, remote)
     # ssh's own exit status (255 for connection errors) is the command's.
-    return subprocess.call(argv, stdin=sys.stdin if sys.stdin.isatty() or remote == [] else None)
+    return subprocess.call(argv)
 
 
 def run_down(args: argparse.Namespace) -> int:

@@ -29,8 +29,10 @@ def firewall_ruleset(plan: LabPlan) -> str:
         f"table inet {NFT_TABLE} {{\n"
         "  chain forward {\n"
         "    type filter hook forward priority -10; policy accept;\n"
-        f'    iifname "{plan.bridge}" drop\n'
-        f'    oifname "{plan.bridge}" drop\n'
+        # Node-to-node frames are bridged, and with br_netfilter (built into some kernels)
+        # they pass this hook too with the bridge as both ends: only routed traffic is dropped.
+        f'    iifname "{plan.bridge}" oifname != "{plan.bridge}" drop\n'
+        f'    oifname "{plan.bridge}" iifname != "{plan.bridge}" drop\n'
         "  }\n"
         "}\n"
     )
