@@ -52,8 +52,9 @@ INT4_SCALE_BYTES = 2.5 / 128
 RUNTIME_GB_PER_GPU = 4.5
 # MoE models need more headroom in proportion to the weights they hold: fused-MoE and DeepGEMM
 # workspaces, token dispatch buffers for 256 experts and CUDA graphs over 61 MLA+MoE layers.
-# 15% reproduces the recipes' ">= 800 GB for FP8 R1" (1.2x rule of thumb) and SGLang's own
-# mem_fraction_static of about 0.88 for R1 on 8x H200.
+# 15% reproduces the recipes' ">= 800 GB for FP8 R1" (1.2x rule of thumb) and keeps
+# mem_fraction_static for R1 in the 0.8-0.9 band of SGLang's own defaults. A single rule for
+# dense and MoE cannot hold: the 70B on one 141 GB card leaves < 7 GB of headroom.
 MOE_RUNTIME_FRACTION = 0.15
 # Search limit when the user leaves the node count to us (BF16 R1 on H100 needs 4).
 MAX_NODES = 16
