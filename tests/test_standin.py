@@ -36,6 +36,7 @@ PRODUCTION_FLAGS = [
     "--host", "127.0.0.1", "--nnodes", "1", "--node-rank", "0",
     "--dist-init-addr", "10.0.0.1:5000", "--mem-fraction-static", "0.85",
     "--dist-timeout", "3600", "--context-length=65536", "--enable-torch-compile",
+    "--kv-cache-dtype", "fp8_e5m2", "--quantization", "fp8", "--dp", "1",
 ]  # fmt: skip
 
 
@@ -125,6 +126,8 @@ def test_production_command_line_is_accepted_and_unknown_flags_ignored() -> None
     assert "--trust-remote-code" in config.ignored
     assert "--context-length=65536" in config.ignored
     assert "--dist-init-addr" in config.ignored
+    assert "--kv-cache-dtype" in config.ignored and "fp8_e5m2" in config.ignored
+    assert config.dp_size == 1  # --dp abbreviates --dp-size
 
 
 def test_known_flags_parse() -> None:
@@ -556,3 +559,73 @@ def test_built_image_runs_under_chroot(tmp_path: Path) -> None:
 
     rebuilt = image.build_standin_image(cache, force=True)
     assert rebuilt.image_id == built.image_id, "same inputs must give the same image ID"
+
+
+DOCKER_ROOTFS_ENV = "DEEPFLEET_STANDIN_DOCKER_ROOTFS"
+_DOCKER_CHECK = """#!/bin/sh
+set -eu
+dockerd --bridge=none --iptables=false --ip6tables=false >/tmp/dockerd.log 2>&1 &
+i=0
+until docker info >/dev/null 2>&1; do
+  i=$((i+1)); [ $i -gt 120 ] && { tail -30 /tmp/dockerd.log; exit 1; }; sleep 0.5
+done
+docker load -i /check/image.tar
+echo "ID=$(docker image inspect --format '{{.Id}}' @REPO_TAG@)"
+docker run -d --name sglang --network host --ipc=host -v /tmp:/models @REPO_TAG@ \\
+  python3 -m sglang.launch_server --model-path /models --tp 8 --trust-remote-code \\
+  --host 127.0.0.1 --port 30000 --api-key @API_KEY@ --mem-fraction-static 0.85 >/dev/null
+i=0
+until curl -fsS -o /dev/null http://127.0.0.1:30000/health 2>/dev/null; do
+  i=$((i+1)); [ $i -gt 60 ] && { docker logs sglang; exit 1; }; sleep 0.5
+done
+echo "NOKEY=$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:30000/v1/models)"
+echo "REPLY=$(curl -fsS -H 'Authorization: Bearer @API_KEY@' http://127.0.0.1:30000/v1/chat/completions \\
+  -d '{"messages":[{"role":"user","content":"hi"}]}')"
+docker stop sglang >/dev/null
+echo "EXIT=$(docker inspect --format '{{.State.ExitCode}}' sglang)"
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get(DOCKER_ROOTFS_ENV) is None or _why_no_build() is not None,
+    reason=f"set {DOCKER_ROOTFS_ENV} to a bookworm rootfs with docker.io and curl "
+    "(mmdebstrap --variant=apt --include=docker.io,curl bookworm DIR) and run as root",
+)
+def test_docker_load_and_run_in_a_throwaway_nspawn(tmp_path: Path) -> None:
+    """docker load -i + docker run with Debian's docker.io, inside systemd-nspawn."""
+    rootfs = Path(os.environ[DOCKER_ROOTFS_ENV])
+    built = image.build_standin_image(tmp_path / "cache")
+    check = tmp_path / "check"
+    check.mkdir()
+    os.link(built.path, check / "image.tar")
+    script = _DOCKER_CHECK.replace("@REPO_TAG@", built.repo_tag).replace("@API_KEY@", KEY)
+    (check / "run.sh").write_text(script)
+    (check / "run.sh").chmod(0o755)
+    docker_dir = tmp_path / "docker"  # overlay2 cannot stack on the overlay root: bind it
+    docker_dir.mkdir()
+    env = {
+        **os.environ,
+        "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1",
+        "SYSTEMD_NSPAWN_API_VFS_WRITABLE": "network",
+    }
+    result = subprocess.run(
+        ["systemd-nspawn", "-q", "--register=no", "--keep-unit", "--timezone=off",
+         "--volatile=overlay", "--private-network",
+         "--capability=CAP_NET_ADMIN,CAP_BPF,CAP_PERFMON",
+         "--system-call-filter=bpf add_key keyctl request_key",
+         f"--bind={docker_dir}:/var/lib/docker", f"--bind-ro={check}:/check",
+         "-D", str(rootfs), "/check/run.sh"],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    shutil.rmtree(docker_dir, ignore_errors=True)
+    lines = dict(
+        line.split("=", 1)
+        for line in result.stdout.splitlines()
+        if line[:3].isupper() and "=" in line
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert lines["ID"] == built.image_id
+    assert lines["NOKEY"] == "401"
+    assert server.NAME in lines["REPLY"] and "port=30000" in lines["REPLY"]
+    assert lines["EXIT"] == "0"

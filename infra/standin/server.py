@@ -281,6 +281,15 @@ class StandinServer(ThreadingHTTPServer):
     def bound_port(self) -> int:
         return int(self.server_address[1])
 
+    def generate(self, prompt: str, max_tokens: object = None) -> tuple[list[str], str]:
+        """The fake engine: canned reply words and the finish reason ("stop" or "length")."""
+        words = canned_reply(
+            self.hostname, self.bound_port, self.config.served_model_name, prompt
+        ).split(" ")
+        if isinstance(max_tokens, int) and 0 < max_tokens < len(words):
+            return words[:max_tokens], "length"
+        return words, "stop"
+
     def is_loaded(self) -> bool:
         return time.monotonic() - self.started_at >= self.config.startup_delay
 
@@ -325,7 +334,10 @@ class StandinHandler(BaseHTTPRequestHandler):
         self._send_bytes(status, json.dumps(payload).encode("utf-8"), "application/json")
 
     def _read_json(self) -> dict[str, Any]:
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
         raw = self.rfile.read(length) if length > 0 else b""
         try:
             payload = json.loads(raw or b"null")
@@ -358,6 +370,8 @@ class StandinHandler(BaseHTTPRequestHandler):
             handler()
         except ApiError as error:
             self._send_json(error.status, error.body())
+        except (BrokenPipeError, ConnectionResetError):  # the client went away mid-answer
+            self.close_connection = True
 
     def do_GET(self) -> None:
         self._dispatch(
@@ -399,14 +413,17 @@ class StandinHandler(BaseHTTPRequestHandler):
         self._send_bytes(HTTPStatus.OK, b"", "text/plain")
 
     def _health_generate(self) -> None:
+        """Like SGLang: run one tiny request through the engine, 200 if it produced output."""
         self._require_loaded()
-        config = self.server.config
-        if config.is_embedding:
-            embed("health")
-        else:
-            reply = canned_reply(self.server.hostname, self.server.bound_port, "health", "ping")
-            if not reply:
-                raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "generation failed")
+        ok = (
+            bool(embed("health"))
+            if self.server.config.is_embedding
+            else bool(self.server.generate("health check", max_tokens=1)[0])
+        )
+        if not ok:
+            raise ApiError(
+                HTTPStatus.SERVICE_UNAVAILABLE, "generation failed", "ServiceUnavailable"
+            )
         self._send_bytes(HTTPStatus.OK, b"", "text/plain")
 
     def _models(self) -> None:
@@ -525,12 +542,7 @@ class StandinHandler(BaseHTTPRequestHandler):
         prompt_parts = [text for _, text in turns]
         last_user = next((text for role, text in reversed(turns) if role == "user"), turns[-1][1])
         max_tokens = request.get("max_completion_tokens") or request.get("max_tokens")
-        words = canned_reply(
-            self.server.hostname, self.server.bound_port, config.served_model_name, last_user
-        ).split(" ")
-        finish_reason = "stop"
-        if isinstance(max_tokens, int) and 0 < max_tokens < len(words):
-            words, finish_reason = words[:max_tokens], "length"
+        words, finish_reason = self.server.generate(last_user, max_tokens)
         prompt_tokens = max(1, sum(count_tokens(p) for p in prompt_parts))
         usage = {
             "prompt_tokens": prompt_tokens,
