@@ -423,6 +423,77 @@ def write_archive(spec: ImageSpec, rootfs: Path, out: Path) -> ImageArchive:
     )
 
 
+def verify_archive(path: Path) -> ImageArchive:
+    """Check a ``docker save`` archive's structure and digests without a container engine.
+
+    Checks: manifest.json names one config and its layers; every blob's SHA-256 matches its
+    name; the config's diff_ids are the layers; index.json points at an OCI manifest whose
+    config and layers are those blobs. Raises :class:`ImageBuildError` naming the mismatch.
+    """
+
+    def fail(message: str) -> ImageBuildError:
+        return ImageBuildError(f"{path}: {message}")
+
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members = {m.name: m for m in tar.getmembers()}
+
+            def digest_of(name: str) -> str:
+                handle = tar.extractfile(members[name]) if name in members else None
+                if handle is None:
+                    raise fail(f"{name} is missing or not a file")
+                digest = hashlib.sha256()
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+                return digest.hexdigest()
+
+            def read_json(name: str) -> Any:
+                handle = tar.extractfile(members[name]) if name in members else None
+                if handle is None:
+                    raise fail(f"{name} is missing or not a file")
+                return json.loads(handle.read())
+
+            manifest = read_json("manifest.json")
+            if not (isinstance(manifest, list) and len(manifest) == 1):
+                raise fail("manifest.json must list exactly one image")
+            entry = manifest[0]
+            config_name = entry["Config"]
+            config_id = digest_of(config_name)
+            if config_name != f"blobs/sha256/{config_id}":
+                raise fail(f"config blob {config_name} has digest sha256:{config_id}")
+            layer_ids = []
+            for layer_name in entry["Layers"]:
+                layer_id = digest_of(layer_name)
+                if layer_name != f"blobs/sha256/{layer_id}":
+                    raise fail(f"layer blob {layer_name} has digest sha256:{layer_id}")
+                layer_ids.append(f"sha256:{layer_id}")
+            config = read_json(config_name)
+            if config.get("rootfs", {}).get("diff_ids") != layer_ids:
+                raise fail("config rootfs.diff_ids do not match manifest.json's layers")
+            index = read_json("index.json")
+            descriptor = index["manifests"][0]
+            oci_name = "blobs/sha256/" + descriptor["digest"].removeprefix("sha256:")
+            if digest_of(oci_name) != descriptor["digest"].removeprefix("sha256:"):
+                raise fail("index.json's manifest digest does not match its blob")
+            oci = read_json(oci_name)
+            if oci["config"]["digest"] != f"sha256:{config_id}":
+                raise fail("the OCI manifest names another config")
+            if [layer["digest"] for layer in oci["layers"]] != layer_ids:
+                raise fail("the OCI manifest names other layers")
+            tags = entry.get("RepoTags") or []
+            if not tags:
+                raise fail("manifest.json has no RepoTags")
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError, tarfile.TarError) as error:
+        raise fail(f"malformed archive: {error!r}") from error
+    return ImageArchive(
+        path=path,
+        image_id=f"sha256:{config_id}",
+        repo_tag=str(tags[0]),
+        manifest_digest=str(descriptor["digest"]),
+        size_bytes=path.stat().st_size,
+    )
+
+
 # --------------------------------------------------------------------------- cached build
 
 
