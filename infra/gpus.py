@@ -185,6 +185,33 @@ CATALOG: tuple[GpuModel, ...] = (
         aliases=("h100-80g", "h100-sxm", "h100-sxm5", "h100-sxm5-80g"),
     ),
     GpuModel(
+        name="H100-PCIE",
+        label="H100 PCIe 80 GB HBM2e",
+        memory_mib=81559,
+        memory_type="HBM2e",
+        bandwidth_gbps=2000,
+        bf16_tflops=756,
+        native_fp8=True,
+        architecture="Hopper",
+        interconnect="pcie",
+        interconnect_gbps=128,
+        aliases=("h100-pcie-80g",),
+    ),
+    GpuModel(
+        name="H100-NVL",
+        label="H100 NVL 94 GB HBM3",
+        memory_mib=95830,
+        memory_type="HBM3",
+        bandwidth_gbps=3900,
+        bf16_tflops=835,
+        native_fp8=True,
+        architecture="Hopper",
+        # NVLink bridges join pairs only; tensor parallelism across a node still crosses PCIe.
+        interconnect="pcie",
+        interconnect_gbps=128,
+        aliases=("h100-nvl-94g",),
+    ),
+    GpuModel(
         name="H800",
         label="H800 SXM5 80 GB HBM3",
         memory_mib=81559,
@@ -240,6 +267,20 @@ CATALOG: tuple[GpuModel, ...] = (
         aliases=("h200-141g", "h200-sxm"),
     ),
     GpuModel(
+        name="H200-NVL",
+        label="H200 NVL 141 GB HBM3e",
+        memory_mib=143771,
+        memory_type="HBM3e",
+        bandwidth_gbps=4800,
+        bf16_tflops=835,
+        native_fp8=True,
+        architecture="Hopper",
+        # NVLink bridges join two or four boards; a node of eight still crosses PCIe.
+        interconnect="pcie",
+        interconnect_gbps=128,
+        aliases=("h200-nvl-141g",),
+    ),
+    GpuModel(
         name="B200",
         label="B200 SXM 180 GB HBM3e",
         memory_mib=183359,
@@ -262,6 +303,8 @@ def _key(name: str) -> str:
     text = name.strip().lower()
     text = re.sub(r"^(nvidia|geforce)[\s_-]*", "", text)
     text = re.sub(r"[\s_-]+", "", text)
+    # nvidia-smi names end in the memory type ("NVIDIA H100 80GB HBM3"); it adds nothing.
+    text = re.sub(r"(hbm\d*e?|gddr\d*x?)$", "", text)
     return re.sub(r"(\d)gb?$", r"\1g", text)
 
 
