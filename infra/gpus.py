@@ -301,7 +301,7 @@ _AMBIGUOUS: dict[str, tuple[str, ...]] = {"a100": ("A100-40G", "A100-80G")}
 
 def _key(name: str) -> str:
     text = name.strip().lower()
-    text = re.sub(r"^(nvidia|geforce)[\s_-]*", "", text)
+    text = re.sub(r"^(?:(?:nvidia|geforce)[\s_-]*)+", "", text)
     text = re.sub(r"[\s_-]+", "", text)
     # nvidia-smi names end in the memory type ("NVIDIA H100 80GB HBM3"); it adds nothing.
     text = re.sub(r"(hbm\d*e?|gddr\d*x?)$", "", text)
