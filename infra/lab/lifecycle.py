@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -45,6 +47,15 @@ class NodeStatus:
     address: str
     groups: tuple[str, ...]
     state: str  # running (sshd answers) | booting | stopped | absent
+
+
+@contextlib.contextmanager
+def _exclusive(paths: LabPaths) -> Iterator[None]:
+    """One `up` or `down` at a time per checkout (a developer and a test run may race)."""
+    paths.state.mkdir(parents=True, exist_ok=True)
+    with open(paths.state / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def ensure_ssh_key(paths: LabPaths) -> str:
@@ -90,41 +101,59 @@ def sshd_answers(address: str, timeout: float = 0.5) -> bool:
         return False
 
 
+def _log_tail(path: Path, lines: int = 8) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
 def wait_for_ssh(
-    nodes: Iterable[LabNode], timeout: float = SSH_TIMEOUT, since: float | None = None
+    nodes: Iterable[LabNode],
+    timeout: float = SSH_TIMEOUT,
+    since: float | None = None,
+    pids: Mapping[str, int] | None = None,
+    logs: Callable[[str], Path] | None = None,
 ) -> dict[str, float]:
-    """Poll each node's sshd; seconds (from `since`) until each answered."""
+    """Poll each node's sshd; seconds (from `since`) until each answered.
+
+    With `pids`, a node whose systemd-nspawn exited fails at once instead of at the timeout.
+    """
     start = time.monotonic() if since is None else since
-    pending = {n.name: str(n.address) for n in nodes}
+    pending = {n.name: n for n in nodes}
     ready: dict[str, float] = {}
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
-        for name, address in list(pending.items()):
-            if sshd_answers(address):
+        for name, lab_node in list(pending.items()):
+            if sshd_answers(str(lab_node.address)):
                 ready[name] = time.monotonic() - start
                 del pending[name]
+            elif pids is not None and not nspawn_running(pids.get(name), lab_node):
+                tail = _log_tail(logs(name)) if logs else ""
+                raise UserError(
+                    f"node {name} stopped while booting",
+                    [Problem(tail or "systemd-nspawn exited", hint=f"see .lab/logs/{name}.log")],
+                )
         if pending:
             time.sleep(0.2)
     if pending:
         raise UserError(
             f"sshd did not answer within {timeout:.0f} s",
             [
-                Problem(f"node {name} ({address})", hint=f"see .lab/logs/{name}.log")
-                for name, address in pending.items()
+                Problem(f"node {name} ({n.address})", hint=f"see .lab/logs/{name}.log")
+                for name, n in pending.items()
             ],
         )
     return ready
 
 
-def up(
+def _up(
     plan: LabPlan,
     paths: LabPaths,
     spec_path: str = "",
     say: Say = _quiet,
     ssh_timeout: float = SSH_TIMEOUT,
 ) -> UpReport:
-    """Start every node of the plan that is not running; running ones are left alone."""
-    preflight()
     public_key = ensure_ssh_key(paths)
     ensure_api_key(paths)
     say("rootfs: checking the cache")
@@ -174,14 +203,14 @@ def up(
             f"nodes: started {', '.join(report.started)} in {report.start_seconds:.1f} s;"
             " waiting for sshd"
         )
-    report.ssh_ready = wait_for_ssh(to_start, timeout=ssh_timeout, since=began)
+    report.ssh_ready = wait_for_ssh(
+        to_start, timeout=ssh_timeout, since=began, pids=state.pids, logs=paths.node_log
+    )
     report.ssh_seconds = max(report.ssh_ready.values(), default=0.0)
     return report
 
 
-def down(paths: LabPaths, bridges: Iterable[str] = (), say: Say = _quiet) -> Leftovers:
-    """Remove everything the lab made on the host; raises if something could not be removed."""
-    preflight()
+def _down(paths: LabPaths, bridges: Iterable[str], say: Say) -> Leftovers:
     state = load_state(paths.state_file)
     wanted_bridges = set(bridges) | ({state.plan.bridge} if state else set())
     found = find_leftovers(paths, wanted_bridges)
@@ -221,6 +250,30 @@ def down(paths: LabPaths, bridges: Iterable[str] = (), say: Say = _quiet) -> Lef
             [Problem(line) for line in remaining.describe()],
         )
     return remaining
+
+
+def up(
+    plan: LabPlan,
+    paths: LabPaths,
+    spec_path: str = "",
+    say: Say = _quiet,
+    ssh_timeout: float = SSH_TIMEOUT,
+) -> UpReport:
+    """Start every node of the plan that is not running; running ones are left alone."""
+    preflight()
+    with _exclusive(paths):
+        return _up(plan, paths, spec_path, say, ssh_timeout)
+
+
+def down(paths: LabPaths, bridges: Iterable[str] = (), say: Say = _quiet) -> Leftovers:
+    """Remove everything the lab made on the host; raises if something could not be removed.
+
+    Works from the state file when there is one and from name prefixes always, so it also
+    cleans up after an `up` that died half-way or a deleted `.lab/`.
+    """
+    preflight()
+    with _exclusive(paths):
+        return _down(paths, bridges, say)
 
 
 def _release_netns_dir() -> None:

@@ -108,7 +108,7 @@ def _host_snapshot() -> tuple[str, str, str, str]:
 
 
 def test_down_leaves_nothing_behind_even_without_state(lab: Lab) -> None:
-    """Runs last in this module: it removes the lab the other tests used."""
+    """Runs last in this module; brings the lab back afterwards for e2e modules that follow."""
     # Simulate a half-failed `up`: a corrupt state file and a namespace + veth of a node that
     # never booted.
     subprocess.run(["ip", "netns", "add", f"{NETNS_PREFIX}stray"], check=True)
@@ -142,3 +142,6 @@ def test_down_leaves_nothing_behind_even_without_state(lab: Lab) -> None:
     assert not lab.paths.state_file.exists()
     # The rootfs cache and the lab's keys survive: the next `up` is fast and keeps its key.
     assert lab.paths.ssh_key.exists() and os.path.isdir(lab.report.rootfs.path)
+
+    lab.report = up(lab.plan, lab.paths)
+    assert lab.report.started == [n.name for n in lab.plan.nodes]
