@@ -267,6 +267,7 @@ class StandinServer(ThreadingHTTPServer):
 
     daemon_threads = False
     block_on_close = True
+    request_queue_size = 128  # load tests open many connections at once
 
     def __init__(self, config: StandinConfig, hostname: str | None = None) -> None:
         self.config = config
@@ -275,6 +276,8 @@ class StandinServer(ThreadingHTTPServer):
         self.started_at = time.monotonic()
         self.created = int(time.time())
         self.stopping = threading.Event()
+        if ":" in config.host:  # --host :: or another IPv6 address
+            self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), StandinHandler)
 
     @property
