@@ -126,10 +126,10 @@ def _weight_dtype(config: Mapping[str, Any], where: str) -> WeightDtype:
 def _quantized_dtype(quant: Mapping[str, Any], where: str) -> WeightDtype:
     method = str(quant.get("quant_method", "")).lower()
     bits = quant.get("bits") or quant.get("w_bit") or quant.get("weight_bits")
-    if method == "fp8" or method.startswith("fbgemm_fp8"):
+    if method in ("fp8", "w8a8_fp8") or method.startswith("fbgemm_fp8"):
         return "fp8"
-    if method in ("w8a8_int8", "w8a8_fp8") or "int8" in method:
-        return "fp8" if "fp8" in method else "int8"
+    if "int8" in method:
+        return "int8"
     if method in ("w4afp8", "w4a8", "moe_wna16") or "int4" in method:
         return "int4"
     if method == "bitsandbytes":
