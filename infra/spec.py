@@ -350,11 +350,45 @@ class NvidiaStack(StrictModel):
     driver_branch: int = Field(default=570, ge=450)
     driver_flavour: Literal["server", "desktop"] = "server"
     driver_version: str | None = None  # exact package version to pin, e.g. 570.172.08-0ubuntu1
+    # nvidia-fabricmanager-<branch> package version; None: the driver's upstream version with
+    # NVIDIA's "-1" Debian revision (570.172.08-0ubuntu1 -> 570.172.08-1).
+    fabricmanager_version: str | None = None
     open_kernel_modules: bool = False
     allow_reboot: bool = False
     container_toolkit_version: str | None = None
     doca_ofed_version: str | None = None
+    # Repositories and their signing keys; an air-gapped site points these at its mirror.
     repository: str = "https://developer.download.nvidia.com/compute/cuda/repos"
+    repository_key_url: str = (
+        "https://developer.download.nvidia.com/compute/cuda/repos/ubuntu2204/x86_64/3bf863cc.pub"
+    )
+    container_toolkit_repository: str = "https://nvidia.github.io/libnvidia-container/stable/deb"
+    container_toolkit_key_url: str = "https://nvidia.github.io/libnvidia-container/gpgkey"
+    doca_repository: str = "https://linux.mellanox.com/public/repo/doca"
+    doca_key_url: str = "https://linux.mellanox.com/public/repo/doca/GPG-KEY-Mellanox.pub"
+
+    @model_validator(mode="after")
+    def _fabricmanager_matches_driver(self) -> NvidiaStack:
+        if self.driver_version and self.fabricmanager_version:
+            driver, fabric = (
+                v.split("-")[0] for v in (self.driver_version, self.fabricmanager_version)
+            )
+            if driver != fabric:
+                raise ValueError(
+                    f"fabricmanager_version {self.fabricmanager_version} is not driver "
+                    f"{driver}: the fabric manager must run exactly the driver's version"
+                )
+        return self
+
+
+class ContainerRuntime(StrictModel):
+    """Docker Engine on the nodes that run containers (see docs/gpu-stack.md)."""
+
+    repository: str = "https://download.docker.com/linux/ubuntu"
+    key_url: str = "https://download.docker.com/linux/ubuntu/gpg"
+    data_root: str = Field(default="/var/lib/docker", pattern=r"^/")
+    log_max_size: str = Field(default="100m", pattern=r"^[0-9]+[kmg]$")
+    log_max_file: int = Field(default=5, ge=1, le=100)
 
 
 class AwsProvider(StrictModel):
@@ -406,6 +440,7 @@ class ClusterSpec(StrictModel):
     nat: Nat | None = None
     monitoring: Monitoring | None = None
     nvidia: NvidiaStack = NvidiaStack()
+    container_runtime: ContainerRuntime = ContainerRuntime()
     lab: Lab | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, ignored_types=(cached_property,))
