@@ -1,0 +1,70 @@
+"""Everything the roles would write and run, per host, as one JSON-able object (no network).
+
+`deepfleet diff` takes a snapshot of the base revision (in a git worktree, with that revision's
+own code) and of the working tree, and compares them. Run as `python -m infra.snapshot SPEC`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from infra.plan import plan_cluster
+from infra.spec import ClusterSpec, load_spec
+
+Snapshot = dict[str, dict[str, str]]
+
+
+def take_snapshot(spec: ClusterSpec) -> Snapshot:
+    """host (or `pulumi`) -> resource name -> its full content as text."""
+    snapshot: Snapshot = {}
+    for node_plan in plan_cluster(spec):
+        resources: dict[str, str] = {}
+        for role in node_plan.roles:
+            for host_file in role.files:
+                resources[f"file {host_file.path}"] = (
+                    f"# mode {host_file.mode} {host_file.user}:{host_file.group}\n{host_file.content}"
+                )
+            if role.packages:
+                resources[f"packages [{role.role}]"] = "\n".join(role.packages) + "\n"
+            if role.services:
+                resources[f"services [{role.role}]"] = "\n".join(role.services) + "\n"
+            resources[f"role {role.role}"] = (
+                "\n".join([f"skipped: {role.skipped}"] if role.skipped else role.summary) + "\n"
+            )
+        snapshot[node_plan.node.name] = resources
+    for extra in (_engine_commands(spec), _pulumi_resources(spec)):
+        for host, resources in extra.items():
+            snapshot.setdefault(host, {}).update(resources)
+    return snapshot
+
+
+def _engine_commands(spec: ClusterSpec) -> Snapshot:
+    try:
+        from infra.sglang import launches_for_spec
+    except ImportError:
+        return {}
+    commands: Snapshot = {}
+    for launch in launches_for_spec(spec):
+        host = commands.setdefault(launch.node, {})
+        host[f"engine {launch.unit_name}"] = " \\\n  ".join(launch.container_args) + "\n"
+    return commands
+
+
+def _pulumi_resources(spec: ClusterSpec) -> Snapshot:
+    try:
+        from infra.pulumi_graph import resource_graph
+    except ImportError:
+        return {}
+    rows = resource_graph(spec)
+    return {"pulumi": {f"{row.type} {row.name}": f"parent: {row.parent}\n" for row in rows}}
+
+
+def main() -> int:
+    spec = load_spec(sys.argv[1])
+    json.dump(take_snapshot(spec), sys.stdout, indent=1, sort_keys=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
