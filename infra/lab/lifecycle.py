@@ -165,8 +165,14 @@ def _up(
     previous = load_state(paths.state_file)
     network.ensure_bridge(plan)
     acng_pid = aptcache.start(plan, paths)
-    if acng_pid is None and previous is not None:
-        acng_pid = previous.apt_cache_pid
+    if acng_pid is None:
+        ours = find_leftovers(paths, [plan.bridge]).acng_pids
+        acng_pid = ours[0] if ours else None
+        if not ours:
+            say(
+                f"apt: reusing the apt-cacher-ng that already answers on {plan.apt_proxy}"
+                " (not started by the lab; `lab down` leaves it alone)"
+            )
     pids = dict(previous.pids) if previous else {}
     # Nodes of an earlier, larger `up` that still run stay recorded, so `status` shows them.
     extra = tuple(
