@@ -20,9 +20,10 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import json
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -617,15 +618,19 @@ def closest_flag(option: str) -> str | None:
     return spellings[match[0]].name if match else None
 
 
-@dataclass
-class _Parsed:
-    values: dict[str, list[str]] = field(default_factory=dict)
-    """dest -> values given for it ('' for a flag without value)."""
-    options: list[tuple[int, str]] = field(default_factory=list)
-    """(index in args, option as written) for each option."""
+@dataclass(frozen=True)
+class ArgProblem:
+    """One problem with a command line; `index` points into the list that was checked."""
+
+    index: int | None
+    message: str
+    hint: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.message}; {self.hint}" if self.hint else self.message
 
 
-_SHELL_VARIABLE = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?")
+_SHELL_VARIABLE = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*(:?[-=?+][^}]*)?\}?")
 _HUMAN_INT = re.compile(r"\d+|(\d+(\.\d+)?)(k|M|G|T)|\d+(Ki|Mi|Gi|Ti)")
 _NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
 
@@ -634,14 +639,14 @@ def _looks_like_option(token: str) -> bool:
     return token.startswith("-") and token != "-" and not _NEGATIVE_NUMBER.match(token)
 
 
-def strip_launch_prefix(args: Sequence[str]) -> tuple[list[str], bool]:
-    """Drop `python3 -m sglang.launch_server` if present; True when it was (a whole command)."""
+def strip_launch_prefix(args: Sequence[str]) -> tuple[list[str], int]:
+    """Drop `python3 -m sglang.launch_server` if present; returns the flags and the prefix length."""
     items = list(args)
     if tuple(items[: len(LAUNCH_PREFIX)]) == LAUNCH_PREFIX:
-        return items[len(LAUNCH_PREFIX) :], True
+        return items[len(LAUNCH_PREFIX) :], len(LAUNCH_PREFIX)
     if items[:2] == ["sglang", "serve"]:
-        return items[2:], True
-    return items, False
+        return items[2:], 2
+    return items, 0
 
 
 def check_engine_args(args: Sequence[str], *, complete: bool | None = None) -> list[str]:
@@ -651,32 +656,39 @@ def check_engine_args(args: Sequence[str], *, complete: bool | None = None) -> l
     fragment of flags (a spec's extra_args). Required flags and multi-node consistency are only
     checked on whole commands (complete=None: decided by the launch prefix).
     """
-    flags, has_prefix = strip_launch_prefix(args)
-    whole = has_prefix if complete is None else complete
+    return [str(problem) for problem in engine_arg_problems(args, complete=complete)]
+
+
+def engine_arg_problems(args: Sequence[str], *, complete: bool | None = None) -> list[ArgProblem]:
+    """Like `check_engine_args`, with the position of each problem and the hint apart."""
+    flags, offset = strip_launch_prefix(args)
+    whole = offset > 0 if complete is None else complete
     spellings = known_flags()
-    problems: list[str] = []
-    parsed = _Parsed()
+    problems: list[ArgProblem] = []
+    values_of: dict[str, list[str]] = {}
+    position: dict[str, int] = {}
     index = 0
     while index < len(flags):
+        at = offset + index
         token = flags[index]
         index += 1
         if not _looks_like_option(token):
             problems.append(
-                f"unexpected value {token!r}: sglang.launch_server takes no positional arguments"
+                ArgProblem(at, f"unexpected value {token!r}: sglang takes no positional arguments")
             )
             continue
         option, has_inline, inline = token.partition("=")
         flag = spellings.get(option)
         if flag is None:
-            problems.append(_unknown(option))
+            message, hint = _unknown(option)
+            problems.append(ArgProblem(at, message, hint))
             while index < len(flags) and not _looks_like_option(flags[index]):
                 index += 1  # its values, whatever they are: one problem per unknown flag
             continue
-        parsed.options.append((index - 1, option))
         if has_inline:
             values = [inline]
             if not flag.takes_value:
-                problems.append(f"{option} takes no value (got {token!r})")
+                problems.append(ArgProblem(at, f"{option} takes no value (got {token!r})"))
                 continue
         else:
             values = []
@@ -687,45 +699,54 @@ def check_engine_args(args: Sequence[str], *, complete: bool | None = None) -> l
                     break
                 values.append(flags[index])
                 index += 1
-        problems += _check_values(option, flag, values)
-        if flag.dest in parsed.values and option not in ("--no-" + flag.name[2:],):
-            problems.append(f"{flag.name} is given more than once (the last one would win)")
-        if option.startswith("--no-") and flag.action == "BooleanOptionalAction":
-            parsed.values[flag.dest] = ["false"]
-        else:
-            parsed.values[flag.dest] = values or [""]
-    problems += _semantic_problems(parsed.values, whole)
+        problems += [ArgProblem(at, m, h) for m, h in _check_values(option, flag, values)]
+        if flag.dest in values_of:
+            problems.append(
+                ArgProblem(at, f"{flag.name} is given more than once (the last one would win)")
+            )
+        negated = option.startswith("--no-") and flag.action == "BooleanOptionalAction"
+        values_of[flag.dest] = ["false"] if negated else (values or [""])
+        position[flag.dest] = at
+    for dest, message in _semantic_problems(values_of, whole):
+        problems.append(ArgProblem(position.get(dest) if dest else None, message))
     return problems
 
 
-def _unknown(option: str) -> str:
+def _unknown(option: str) -> tuple[str, str | None]:
     if not option.startswith("--"):
-        return f"unknown option {option!r}: sglang takes long options only (--name)"
+        return f"unknown option {option!r}", "sglang takes long options only (--name)"
     spellings = known_flags()
     expansions = sorted({spellings[s].name for s in spellings if s.startswith(option)})
     if len(expansions) == 1:
         return (
-            f"{option} is only an abbreviation sglang's argparse expands to {expansions[0]}; "
-            f"write {expansions[0]} (abbreviations break when a new flag shares the prefix)"
+            f"{option} is only an abbreviation that argparse expands to {expansions[0]}",
+            f"write {expansions[0]} (an abbreviation breaks when a new flag shares the prefix)",
         )
     close = closest_flag(option)
-    suggestion = f"; did you mean {close}?" if close else ""
-    return f"unknown sglang flag {option} (sglang {SGLANG_VERSION}){suggestion}"
+    return (
+        f"unknown sglang flag {option} (sglang {SGLANG_VERSION})",
+        f"did you mean {close}?" if close else "see `python3 -m sglang.launch_server --help`",
+    )
 
 
-def _check_values(option: str, flag: FlagInfo, values: list[str]) -> list[str]:
-    problems: list[str] = []
+Finding = tuple[str, "str | None"]
+
+
+def _check_values(option: str, flag: FlagInfo, values: list[str]) -> list[Finding]:
+    problems: list[Finding] = []
     if flag.deprecated:
         problems.append(
-            f"{option} is deprecated in sglang {SGLANG_VERSION} and will be removed; "
-            f"use {flag.deprecated}"
+            (
+                f"{option} is deprecated in sglang {SGLANG_VERSION} and will be removed",
+                f"use {flag.deprecated}",
+            )
         )
     if not flag.takes_value:
         return problems
     if flag.nargs is None and not values:
-        return [*problems, f"{option} needs a value"]
+        return [*problems, (f"{option} needs a value", None)]
     if flag.nargs == "+" and not values:
-        return [*problems, f"{option} needs at least one value"]
+        return [*problems, (f"{option} needs at least one value", None)]
     for value in values:
         if _SHELL_VARIABLE.search(value):
             continue  # expanded by the container's shell at run time
@@ -735,32 +756,32 @@ def _check_values(option: str, flag: FlagInfo, values: list[str]) -> list[str]:
     return problems
 
 
-def _value_problem(option: str, flag: FlagInfo, value: str) -> str | None:
+def _value_problem(option: str, flag: FlagInfo, value: str) -> Finding | None:
     typed = value
     if flag.value_type == "int":
         try:
             typed = str(int(value))
         except ValueError:
-            return f"{option} takes an integer, not {value!r}"
+            return f"{option} takes an integer, not {value!r}", None
     elif flag.value_type == "float":
         try:
             typed = str(float(value))
         except ValueError:
-            return f"{option} takes a number, not {value!r}"
+            return f"{option} takes a number, not {value!r}", None
     elif flag.value_type == "human-int" and not _HUMAN_INT.fullmatch(value.strip()):
-        return f"{option} takes an integer (suffixes k, M, Ki, Mi... allowed), not {value!r}"
+        return f"{option} takes an integer, not {value!r}", "suffixes k, M, G, Ki, Mi, Gi allowed"
     elif flag.value_type == "json":
-        import json
-
         try:
             json.loads(value)
         except ValueError:
-            return f"{option} takes JSON, not {value!r}"
+            return f"{option} takes JSON, not {value!r}", None
     if flag.choices is not None and typed not in flag.choices and value not in flag.choices:
         close = difflib.get_close_matches(value, list(flag.choices), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
         shown = ", ".join(flag.choices[:12]) + (", ..." if len(flag.choices) > 12 else "")
-        return f"{option} {value!r} is not one of: {shown}{hint}"
+        return (
+            f"{option} {value!r} is not one of: {shown}",
+            f"did you mean {close[0]!r}?" if close else None,
+        )
     return None
 
 
@@ -774,9 +795,10 @@ def _number(values: dict[str, list[str]], dest: str, kind: type[int] | type[floa
         return None  # reported as a type problem
 
 
-def _semantic_problems(values: dict[str, list[str]], whole: bool) -> list[str]:
-    """What deepfleet checks on top of argparse: SGLang accepts these and fails (or hangs) later."""
-    problems: list[str] = []
+def _semantic_problems(values: dict[str, list[str]], whole: bool) -> list[tuple[str, str]]:
+    """What deepfleet checks on top of argparse: SGLang accepts these and fails (or hangs)
+    later. Returns (dest of the flag to point at, message)."""
+    problems: list[tuple[str, str]] = []
     nnodes = _number(values, "nnodes", int)
     node_rank = _number(values, "node_rank", int)
     tp = _number(values, "tp_size", int)
@@ -785,31 +807,37 @@ def _semantic_problems(values: dict[str, list[str]], whole: bool) -> list[str]:
         node_rank = 0 if node_rank is None and "node_rank" not in values else node_rank
         tp = 1 if tp is None and "tp_size" not in values else tp
     if nnodes is not None and nnodes < 1:
-        problems.append(f"--nnodes must be at least 1, not {nnodes:g}")
+        problems.append(("nnodes", f"--nnodes must be at least 1, not {nnodes:g}"))
     if node_rank is not None and node_rank < 0:
-        problems.append(f"--node-rank must not be negative ({node_rank:g})")
+        problems.append(("node_rank", f"--node-rank must not be negative ({node_rank:g})"))
     if nnodes is not None and node_rank is not None and nnodes >= 1 and node_rank >= nnodes:
         problems.append(
-            f"--node-rank {node_rank:g} must be below --nnodes {nnodes:g} (ranks count from 0)"
+            (
+                "node_rank",
+                f"--node-rank {node_rank:g} must be below --nnodes {nnodes:g} (ranks count from 0)",
+            )
         )
     if tp is not None and nnodes is not None and nnodes >= 1 and tp % nnodes:
-        problems.append(f"--tp-size {tp:g} is not divisible by --nnodes {nnodes:g}")
+        problems.append(("tp_size", f"--tp-size {tp:g} is not divisible by --nnodes {nnodes:g}"))
     address = values.get("dist_init_addr")
     if address and address[-1]:
         problem = _address_problem(address[-1])
         if problem:
-            problems.append(problem)
+            problems.append(("dist_init_addr", problem))
     elif whole and nnodes is not None and nnodes > 1:
-        problems.append("--nnodes > 1 needs --dist-init-addr <rank-0 host>:<port>")
+        problems.append(("nnodes", "--nnodes > 1 needs --dist-init-addr <rank-0 host>:<port>"))
     fraction = _number(values, "mem_fraction_static", float)
     if fraction is not None and not 0 < fraction < 1:
         problems.append(
-            f"--mem-fraction-static must be between 0 and 1 (exclusive), not {fraction:g}"
+            (
+                "mem_fraction_static",
+                f"--mem-fraction-static must be between 0 and 1 (exclusive), not {fraction:g}",
+            )
         )
     if whole:
         for flag in flag_definitions().values():
             if flag.required and flag.dest not in values:
-                problems.append(f"{flag.name} is required")
+                problems.append(("", f"{flag.name} is required"))
     return problems
 
 

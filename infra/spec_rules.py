@@ -518,3 +518,28 @@ def lab_is_consistent(spec: ClusterSpec) -> Iterator[Violation]:
         )
     if any(n.address == spec.lab.host_address for n in spec.nodes):
         yield Violation(("lab", "host_address"), "the lab host address is also a node's address")
+
+
+@rule
+def engine_args_are_known(spec: ClusterSpec) -> Iterator[Violation]:
+    """extra_args are checked against the pinned sglang's own flags (infra/sglang_flags.py)."""
+    if not any(d.extra_args for d in spec.deployments):
+        return  # specs without extra_args never need the sglang source
+    # Imported here: infra.sglang imports infra.spec, which imports this module.
+    from infra.sglang import MANAGED_FLAGS
+    from infra.sglang_flags import engine_arg_problems, known_flags
+
+    spellings = known_flags()
+    for i, deployment in enumerate(spec.deployments):
+        path: SpecPath = ("deployments", i, "extra_args")
+        for problem in engine_arg_problems(deployment.extra_args, complete=False):
+            at = (*path, problem.index) if problem.index is not None else path
+            yield Violation(at, problem.message, problem.hint)
+        for k, token in enumerate(deployment.extra_args):
+            flag = spellings.get(token.partition("=")[0])
+            if flag is not None and flag.dest in MANAGED_FLAGS:
+                yield Violation(
+                    (*path, k),
+                    f"{token.partition('=')[0]} is set by deepfleet from the spec",
+                    f"use {MANAGED_FLAGS[flag.dest]} instead of extra_args",
+                )
