@@ -117,7 +117,7 @@ class SizingReport:
     def engine_args(self) -> list[str]:
         """sglang.launch_server flags for one replica (add --dist-init-addr/--node-rank per node)."""
         rec = self.recommended
-        args = ["--tp", str(rec.tp)]
+        args = ["--tp-size", str(rec.tp)]
         replicas_per_node = self.gpus_per_node // rec.tp if rec.nodes_per_replica == 1 else 1
         if replicas_per_node > 1:
             args += ["--dp-size", str(replicas_per_node)]

@@ -447,7 +447,9 @@ class ClusterSpec(StrictModel):
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> ClusterSpec:
-        # Imported here: the rules module imports this one for its types.
+        # Imported here: the rule modules import this one for its types. Importing spec_fit
+        # registers the rules that need the model and GPU catalogs.
+        import infra.spec_fit  # noqa: F401
         from infra.spec_rules import check_rules
 
         check_rules(self)

@@ -148,7 +148,7 @@ def test_fp8_on_a100_fits_by_memory_but_warns_to_use_int8() -> None:
 def test_small_model_on_a_big_node_runs_data_parallel() -> None:
     report = size_model("qwen-7b", "H200", gpus_per_node=8)
     assert (report.recommended.tp, report.recommended.dp) == (1, 8)
-    assert report.engine_args()[:4] == ["--tp", "1", "--dp-size", "8"]
+    assert report.engine_args()[:4] == ["--tp-size", "1", "--dp-size", "8"]
     two_nodes = size_model("qwen-7b", "H200", gpus_per_node=8, nodes=2)
     assert two_nodes.recommended.dp == 16
 
@@ -230,7 +230,7 @@ def test_concurrency_can_stop_a_fit() -> None:
 def test_check_deployment_fits_for_the_spec_validator() -> None:
     ok = check_deployment_fits("r1", "H100", 8, 2, 16, "fp8", 8192, 1)
     assert ok.fits and "fits on 16 x H100" in ok.reason
-    assert ok.engine_args()[:4] == ["--tp", "16", "--nnodes", "2"]
+    assert ok.engine_args()[:4] == ["--tp-size", "16", "--nnodes", "2"]
     too_small = check_deployment_fits("r1", "H100", 8, 1, 8, "fp8", 8192, 1)
     assert not too_small.fits and "85.5 GB" in too_small.reason
 

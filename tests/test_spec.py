@@ -38,6 +38,7 @@ class Case:
     occurrence: int = 1
     path: str | None = None
     base: str = BASE
+    also: tuple[str, str] | None = None  # a second edit, when one rule needs two
 
 
 CASES = [
@@ -287,6 +288,28 @@ CASES = [
     Case("lab-kind-without-section", "kind: baremetal", "kind: lab", "go together", "kind: lab"),
     Case("bind-storage-outside-lab", "kind: nfs", "kind: bind", "only in the lab", "kind: bind"),
     Case(
+        "model-does-not-fit",
+        "replicas: [[gpu-01, gpu-02]]\n    parallelism: {tp: 16}",
+        "replicas: [[gpu-01], [gpu-02]]\n    parallelism: {tp: 8}",
+        "does not fit replica 1",
+        "[gpu-01], [gpu-02]",
+    ),
+    Case(
+        "tp-does-not-divide-heads",
+        "gpus: {model: L40S, count: 4, memory_gb: 48, nvswitch: false}",
+        "gpus: {model: L40S, count: 3, memory_gb: 48, nvswitch: false}",
+        "does not divide",
+        "parallelism: {tp: 3}",
+        also=("parallelism: {tp: 4}", "parallelism: {tp: 3}"),
+    ),
+    Case(
+        "unknown-gpu-model",
+        "gpus: {model: L40S, count: 4",
+        "gpus: {model: L40X, count: 4",
+        "unknown GPU model 'L40X'",
+        "model: L40X",
+    ),
+    Case(
         "lab-host-address-outside",
         "host_address: 10.77.0.1",
         "host_address: 10.78.0.1",
@@ -324,6 +347,9 @@ def _line_of(text: str, needle: str, occurrence: int) -> int:
 def test_invalid_spec_is_rejected_with_location(case: Case, tmp_path: Path) -> None:
     assert case.old in case.base, f"case {case.id}: the base spec no longer contains {case.old!r}"
     text = case.base.replace(case.old, case.new, 1)
+    if case.also:
+        assert case.also[0] in text
+        text = text.replace(*case.also, 1)
     path = tmp_path / "spec.yaml"
     path.write_text(text)
     with pytest.raises(UserError) as raised:

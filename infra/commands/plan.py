@@ -9,7 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from infra.plan import plan_cluster, write_plan
-from infra.spec import GROUPS, load_spec
+from infra.spec import GROUPS, ClusterSpec, load_spec
+from infra.spec_fit import replica_sizing
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -59,6 +60,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _extra_sections(spec: object) -> list[object]:
-    # Sizing and the Pulumi resource graph join the plan here as those modules land.
-    return []
+def _extra_sections(spec: ClusterSpec) -> list[Table]:
+    sizing = Table(title="sizing (deepfleet size)", title_justify="left")
+    for column in ("deployment", "replica", "verdict", "per GPU", "KV tokens", "mem fraction"):
+        sizing.add_column(column)
+    for deployment in spec.deployments:
+        for r, replica in enumerate(deployment.replicas, start=1):
+            report = replica_sizing(spec, deployment, replica)
+            if report is None:
+                why = "lab: stand-in engine" if spec.is_lab else "model not in the catalog"
+                sizing.add_row(deployment.name, str(r), f"not sized ({why})", "-", "-", "-")
+                continue
+            sizing.add_row(
+                deployment.name,
+                f"{r} ({', '.join(replica)})",
+                "fits" if report.fits else "DOES NOT FIT",
+                f"{report.per_gpu_required_gb:.1f} / {report.gpu_memory_gb:.1f} GB",
+                f"{report.kv_cache_tokens:,}",
+                f"{report.recommended.mem_fraction_static:.2f}",
+            )
+    return [sizing] if spec.deployments else []
