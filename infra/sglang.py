@@ -88,7 +88,8 @@ class EngineLaunch:
     engine_args: list[str]
     container_args: list[str]
     env: dict[str, str] = field(default_factory=dict)
-    env_file: str = ""
+    env_file: str | None = None
+    """The env file holding SGLANG_API_KEY, when the deployment has an api_key."""
     dist_init_addr: str | None = None
     role: str = "serve"
     """'serve', or 'prefill' / 'decode' with disaggregation."""
@@ -159,7 +160,7 @@ def _launch(
     )
     env = _nccl_env(node, network)
     env.update(deployment.env)
-    env_file = env_file_path(deployment)
+    env_file = env_file_path(deployment) if deployment.api_key is not None else None
     return EngineLaunch(
         deployment=deployment.name,
         replica=replica,
@@ -379,7 +380,7 @@ def _container_args(
     node: Node,
     unit: str,
     env: Mapping[str, str],
-    env_file: str,
+    env_file: str | None,
     engine_args: Sequence[str],
 ) -> list[str]:
     storage = spec.storage_named(model.storage)
@@ -393,10 +394,11 @@ def _container_args(
         # What RDMA needs and nothing more: the verbs devices and pinning memory (no --privileged).
         args += ["--device", "/dev/infiniband", "--cap-add", "IPC_LOCK"]
     args += ["-v", f"{weights}:{MODELS_DIR}/{model.path}:ro"]
-    args += ["--env-file", env_file]
+    if env_file is not None:
+        args += ["--env-file", env_file]
     for key in sorted(env):
         args += ["-e", f"{key}={env[key]}"]
-    if API_KEY_REFERENCE in engine_args:
+    if env_file is not None and API_KEY_REFERENCE in engine_args:
         # The shell inside the container expands ${SGLANG_API_KEY} from the env file, so the
         # key is in no command line on the host, in no unit file and in no plan.
         # ${VAR:?} stops the start when the env file lacks the key: an empty --api-key would
