@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,12 +114,30 @@ def test_missing_sglang_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     assert f"pip install --no-deps sglang=={SGLANG_VERSION}" in rendered
 
 
+def test_validation_without_sglang_names_the_fix(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = _spec_with_extra_args(tmp_path, '["--chunked-prefill-size", "8192"]')
+    monkeypatch.setattr(sglang_flags.importlib.util, "find_spec", lambda name: None)
+    sglang_flags.flag_definitions.cache_clear()
+    sglang_flags.known_flags.cache_clear()
+    try:
+        with pytest.raises(UserError, match=re.escape("sglang 0.5.23 source is not installed")):
+            load_spec(path)
+        # Specs without extra_args do not need the sglang source at all.
+        assert load_spec(FIXTURES / "cluster.yaml").deployments
+    finally:
+        monkeypatch.undo()
+        sglang_flags.flag_definitions.cache_clear()
+        sglang_flags.known_flags.cache_clear()
+
+
 def test_sglang_is_never_imported() -> None:
     code = (
         "import sys; from infra.sglang_flags import known_flags; known_flags(); "
         "assert not [m for m in sys.modules if m.split('.')[0] == 'sglang'], 'imported'"
     )
-    subprocess.run([".venv/bin/python", "-c", code], cwd=PROJECT, check=True)
+    subprocess.run([sys.executable, "-c", code], cwd=PROJECT, check=True)
 
 
 @pytest.mark.parametrize(
