@@ -1,0 +1,105 @@
+"""Facts about chrony: what `chronyc -c tracking` says about the node's clock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyinfra.api.exceptions import FactProcessError
+from pyinfra.api.facts import FactBase
+
+# Fields of `chronyc -c tracking` (chronyc(1), "tracking"), in order.
+TRACKING_FIELDS = (
+    "reference_id",
+    "reference_name",
+    "stratum",
+    "ref_time",
+    "system_time",
+    "last_offset",
+    "rms_offset",
+    "frequency_ppm",
+    "residual_frequency_ppm",
+    "skew_ppm",
+    "root_delay",
+    "root_dispersion",
+    "update_interval",
+    "leap_status",
+)
+# chronyd's reference ID when it serves its own clock (`local stratum N`): 127.127.1.1.
+LOCAL_REFERENCE_ID = "7F7F0101"
+UNSYNCHRONISED = "Not synchronised"
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """chronyd's view of the clock.
+
+    `offset_seconds` is the local clock minus NTP time: positive means the clock is fast. (The
+    CSV's "system time" field has the opposite sign: it is the correction chronyd still has to
+    apply, positive when the clock is slow.)
+    """
+
+    reference_id: str
+    reference: str  # the source's name or address; empty for the local clock or none
+    stratum: int
+    offset_seconds: float
+    root_delay_seconds: float
+    root_dispersion_seconds: float
+    leap_status: str
+
+    @property
+    def synchronised(self) -> bool:
+        return self.leap_status != UNSYNCHRONISED and self.stratum > 0
+
+    @property
+    def local_clock(self) -> bool:
+        """Synchronised to nothing but its own clock (`local stratum`): no upstream reachable."""
+        return self.reference_id.upper() == LOCAL_REFERENCE_ID
+
+    def describe(self) -> str:
+        if not self.synchronised:
+            return f"not synchronised (stratum {self.stratum}, leap status {self.leap_status!r})"
+        source = "its own clock (local stratum)" if self.local_clock else self.reference
+        return (
+            f"synchronised to {source or self.reference_id}, stratum {self.stratum}, "
+            f"offset {self.offset_seconds * 1000:+.3f} ms, leap status {self.leap_status}"
+        )
+
+
+def parse_tracking(line: str) -> Tracking:
+    fields = line.strip().split(",")
+    if len(fields) != len(TRACKING_FIELDS):
+        raise FactProcessError(
+            f"chronyc -c tracking: expected {len(TRACKING_FIELDS)} fields, got {len(fields)}: "
+            f"{line!r}"
+        )
+    values = dict(zip(TRACKING_FIELDS, fields, strict=True))
+    try:
+        return Tracking(
+            reference_id=values["reference_id"],
+            reference=values["reference_name"],
+            stratum=int(values["stratum"]),
+            offset_seconds=-float(values["system_time"]),
+            root_delay_seconds=float(values["root_delay"]),
+            root_dispersion_seconds=float(values["root_dispersion"]),
+            leap_status=values["leap_status"],
+        )
+    except ValueError as error:
+        raise FactProcessError(f"chronyc -c tracking: {error}: {line!r}") from error
+
+
+class ChronyTracking(FactBase[Tracking | None]):
+    """chronyd's tracking report; None when chronyd does not answer (not installed or stopped)."""
+
+    def requires_command(self) -> str:
+        return "chronyc"
+
+    def command(self) -> str:
+        # -c: one machine-readable CSV line; -n: no DNS lookups of the source's address.
+        # A stopped chronyd is a state to report, not a failure to read the fact.
+        return "chronyc -c -n tracking 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> Tracking | None:
+        lines = [line for line in output if line.strip()]
+        if not lines:
+            return None
+        return parse_tracking(lines[0])
