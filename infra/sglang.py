@@ -155,9 +155,7 @@ def _launch(
     if len(nodes) > 1:
         head = _address_on(nodes[0], network, node_addresses)
         dist_init_addr = f"{head}:{deployment.dist_port}"
-    engine_args = _engine_args(
-        spec, deployment, model, node, rank, len(nodes), role, dist_init_addr
-    )
+    engine_args = _engine_args(deployment, model, node, rank, len(nodes), role, dist_init_addr)
     env = _nccl_env(node, network)
     env.update(deployment.env)
     env_file = env_file_path(deployment) if deployment.api_key is not None else None
@@ -185,7 +183,6 @@ def _role(deployment: Deployment, replica: int) -> str:
 
 
 def _engine_args(
-    spec: ClusterSpec,
     deployment: Deployment,
     model: ModelRef,
     node: Node,
