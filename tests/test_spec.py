@@ -259,10 +259,10 @@ CASES = [
     ),
     Case(
         "bad-image-ref",
-        "image: lmsysorg/sglang:v0.5.3-cu129@sha256:0c1e",
-        "image: lmsysorg/sglang:v0.5.3 cu129@sha256:0c1e",
+        "image: lmsysorg/sglang:v0.5.23-cu129@sha256:0c1e",
+        "image: lmsysorg/sglang:v0.5.23 cu129@sha256:0c1e",
         "String should match pattern",
-        "image: lmsysorg/sglang:v0.5.3 cu129",
+        "image: lmsysorg/sglang:v0.5.23 cu129",
     ),
     Case(
         "secret-needs-one-source",
