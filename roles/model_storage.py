@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,15 +151,23 @@ def server_address(spec: ClusterSpec, storage: Storage) -> str:
     return fallback
 
 
-def mount_spec(spec: ClusterSpec, storage: Storage) -> MountSpec:
+def mount_spec(
+    spec: ClusterSpec, storage: Storage, mount_targets: Mapping[str, str] | None = None
+) -> MountSpec:
+    """How a GPU node mounts `storage`. Cloud stores' sources (FSx/EFS DNS names) exist only
+    once Pulumi made them: `mount_targets` is Pulumi's `storage_mount_targets` output."""
+    known = (mount_targets or {}).get(storage.name)
     if storage.kind == "nfs":
         what = f"{server_address(spec, storage)}:{storage.export}"
         base = NFS_OPTIONS
     elif storage.kind == "efs":
-        what = storage.export or f"{storage.name}.efs{PENDING_DOMAIN}:/"
+        what = known or f"{storage.name}.efs{PENDING_DOMAIN}:{storage.export or '/'}"
         base = EFS_OPTIONS
     elif storage.kind == "fsx-lustre":
-        what = storage.export or f"{storage.name}.fsx{PENDING_DOMAIN}@tcp:/{storage.name}"
+        what = (
+            known
+            or f"{storage.name}.fsx{PENDING_DOMAIN}@tcp:{storage.export or '/' + storage.name}"
+        )
         base = LUSTRE_OPTIONS
     else:
         raise ValueError(f"storage {storage.name}: kind {storage.kind} is not mounted by a unit")
@@ -194,7 +202,9 @@ def models_on(spec: ClusterSpec, storage: Storage) -> list[str]:
     return [m.path for m in spec.models if m.storage == storage.name]
 
 
-def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
+def plan(
+    spec: ClusterSpec, node: Node, mount_targets: Mapping[str, str] | None = None
+) -> RolePlan | None:
     served = exported_storage(spec, node)
     mounted = mounted_storage(spec, node)
     if not served and not mounted:
@@ -222,7 +232,7 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
                 "checked (present, read-only), nothing created"
             )
             continue
-        mount = mount_spec(spec, storage)
+        mount = mount_spec(spec, storage, mount_targets)
         result.files.append(
             HostFile(
                 f"{UNIT_DIR}/{mount.unit}",
@@ -244,8 +254,8 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
         )
         if mount.pending:
             result.summary.append(
-                f"PENDING: storage {storage.name} has no 'export' (the {storage.kind} mount "
-                "source, a Pulumi output): the deploy refuses to mount it until it is set"
+                f"PENDING: the {storage.kind} mount source of storage {storage.name} is a Pulumi "
+                "output (storage_mount_targets): the deploy refuses to mount it without one"
             )
 
     for storage in mounted:
@@ -353,7 +363,9 @@ def report_models(
 def apply(spec: ClusterSpec, node: Node) -> None:
     from roles._files import put_file
 
-    desired = plan(spec, node)
+    # Pulumi's saved `storage_mount_targets` output, as inventory host data (cloud stores only).
+    mount_targets: Mapping[str, str] | None = host.data.get("storage_mount_targets")
+    desired = plan(spec, node, mount_targets)
     if desired is None:
         return
     files_by_path = {f.path: f for f in desired.files}
@@ -403,14 +415,15 @@ def apply(spec: ClusterSpec, node: Node) -> None:
                 cache_dir=None,
             )
             continue
-        mount = mount_spec(spec, storage)
+        mount = mount_spec(spec, storage, mount_targets)
         if mount.pending:
             python.call(
                 name=f"[{ROLE}] Refuse to mount {storage.name} without a mount source",
                 function=_fail,
                 message=(
-                    f"{node.name}: storage {storage.name} ({storage.kind}) has no 'export' in "
-                    "the spec: set it to the mount source from `pulumi stack output`"
+                    f"{node.name}: no mount source for storage {storage.name} "
+                    f"({storage.kind}): save `pulumi stack output --json` and set "
+                    "DEEPFLEET_OUTPUTS so the inventory passes storage_mount_targets"
                 ),
             )
             continue
