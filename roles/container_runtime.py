@@ -32,7 +32,7 @@ from facts.docker import DockerInfo, problems
 from infra.render import HostFile, RolePlan, render
 from infra.spec import ClusterSpec, Node
 from roles._files import put_file
-from roles.nvidia_driver import KEYRING_DIR, add_repository, expect
+from roles.nvidia_driver import KEYRING_DIR, add_repository, expect, keyring_directory
 
 ROLE = "container_runtime"
 DAEMON_JSON = "/etc/docker/daemon.json"
@@ -171,6 +171,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
             name=f"[{ROLE}] Install {' '.join(LAB_PACKAGES)} (lab)", packages=list(LAB_PACKAGES)
         )
     else:
+        keyring_directory(ROLE)
         distribution = host.get_fact(LinuxDistribution)
         machine = host.get_fact(Arch)
         repo_ops = add_repository(
@@ -223,7 +224,8 @@ def apply(spec: ClusterSpec, node: Node) -> None:
     systemd.service(
         name=f"[{ROLE}] Restart docker for the new daemon.json",
         service="docker",
-        running=True,
+        # Restart only a running service; the operation before started it.
+        running=None,
         restarted=True,
         _if=written.did_change,
     )

@@ -27,7 +27,7 @@ from pyinfra.operations.util import any_changed
 from facts.rdma import CaInfo, Gid, IbStat, RoceGids, WantedPort, nccl_gid_index, port_problems
 from infra.render import RolePlan, render
 from infra.spec import ClusterSpec, Node
-from roles.nvidia_driver import KEYRING_DIR, add_repository, expect
+from roles.nvidia_driver import KEYRING_DIR, add_repository, expect, keyring_directory
 
 ROLE = "mellanox"
 LAB_SKIP = "lab: no GPUs / no vendor repositories"
@@ -152,6 +152,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
     if role_plan is None or role_plan.skipped:
         return
     nvidia, version = spec.nvidia, doca_version(spec)
+    keyring_directory(ROLE)
     repo_ops = add_repository(
         ROLE,
         nvidia.doca_key_url,
@@ -181,7 +182,8 @@ def apply(spec: ClusterSpec, node: Node) -> None:
     systemd.service(
         name=f"[{ROLE}] Restart openibd to load the new driver",
         service="openibd",
-        running=True,
+        # Restart only a running service; the operation before started it.
+        running=None,
         restarted=True,
         _if=driver.did_change,
     )

@@ -281,9 +281,10 @@ def hold_packages(packages: list[str]) -> Any:
         host.noop(f"{', '.join(sorted(packages))} already held")
 
 
-def _fail(state: Any, host_: Any, what: str, problems: list[str]) -> bool:
+def _fail(state: Any, host: Any, what: str, problems: list[str]) -> bool:
+    # pyinfra passes state and host to callbacks whose parameters carry exactly these names.
     for problem in problems:
-        logger.error(f"{host_.print_prefix}{what}: {problem}")
+        logger.error(f"{host.print_prefix}{what} failed: {problem}")
     return False
 
 
@@ -296,13 +297,18 @@ def expect(what: str, problems: Callable[[], list[str]]) -> Any:
         yield FunctionCommand(_fail, (what, found), {})
 
 
-def _reboot_required(state: Any, host_: Any, node: str) -> bool:
+def _reboot_required(state: Any, host: Any, node: str) -> bool:
     logger.warning(
-        f"{host_.print_prefix}REBOOT REQUIRED on {node}: the NVIDIA kernel module changed and "
+        f"{host.print_prefix}REBOOT REQUIRED on {node}: the NVIDIA kernel module changed and "
         "nvidia.allow_reboot is false. Drain the node, reboot it, then re-run the deploy "
         "(docs/gpu-stack.md)."
     )
     return True
+
+
+def keyring_directory(role: str) -> OperationMeta:
+    """/etc/apt/keyrings: Ubuntu 22.04 does not always have it (Docker's guide creates it)."""
+    return files.directory(name=f"[{role}] Create {KEYRING_DIR}", path=KEYRING_DIR, mode="755")
 
 
 def add_repository(
@@ -341,6 +347,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
             extra_uninstall_args="--allow-change-held-packages",
         )
 
+    keyring_directory(ROLE)
     distro = cuda_distro(host.get_fact(LinuxDistribution))
     arch = repository_arch(host.get_fact(Arch))
     repo_ops = add_repository(

@@ -1,0 +1,321 @@
+"""GPU node stack: fact parsers on captured outputs, pure decisions, plans, and operation tests.
+
+Operation tests are data files (tests/operations/<role>/<case>.json, run by
+tests/operations/harness.py): facts in, the exact commands per operation out. A new case is a
+new file. After an intended change, `UPDATE_OPERATIONS=1 pytest tests/test_gpu_stack.py`
+rewrites the expected commands; review the diff like any other change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from facts.docker import parse_docker_info, problems, runtimes
+from facts.nvidia import parse_kernel_module, parse_nvidia_smi, reboot_pending
+from facts.rdma import (
+    gid_ipv4,
+    nccl_gid_index,
+    parse_gids,
+    parse_ibstat,
+    parse_ibv_devinfo,
+    parse_rdma_link,
+    port_problems,
+)
+from infra.spec import NvidiaStack, load_spec
+from roles import container_runtime, mellanox, nvidia_driver
+from tests.operations.harness import Case, load_cases, run_case
+
+FIXTURES = Path(__file__).parent / "fixtures" / "gpu"
+BAREMETAL = Path(__file__).parent.parent / "hosts" / "example-baremetal.yaml"
+LAB = Path(__file__).parent.parent / "hosts" / "lab.yaml"
+ROLES = {
+    "nvidia_driver": nvidia_driver,
+    "container_runtime": container_runtime,
+    "mellanox": mellanox,
+}
+
+
+def lines(name: str) -> list[str]:
+    return (FIXTURES / name).read_text(encoding="utf-8").splitlines()
+
+
+# --- operation tests (data files) ---------------------------------------------------------------
+
+CASES = [(role, case) for role in ROLES for case in load_cases(role)]
+
+
+@pytest.mark.parametrize(("role", "case"), CASES, ids=[c.name for _, c in CASES])
+def test_operations(role: str, case: Case) -> None:
+    result = run_case(case, ROLES[role])
+    if os.environ.get("UPDATE_OPERATIONS"):
+        case.data["commands"] = result.commands
+        case.data["errors"] = result.errors
+        case.path.write_text(json.dumps(case.data, indent=2) + "\n", encoding="utf-8")
+    assert list(result.commands.items()) == list(case.data["commands"].items())
+    assert result.failed == bool(case.data.get("errors")), result.errors
+    assert result.errors == case.data.get("errors", [])
+    for expected in case.data.get("warnings", []):
+        assert any(expected in w for w in result.warnings), result.warnings
+
+
+def test_every_role_has_cases_for_both_ubuntu_releases() -> None:
+    for role in ROLES:
+        releases = {c.data.get("os") for c in load_cases(role)}
+        assert {"ubuntu-22.04", "ubuntu-24.04"} <= releases, role
+
+
+# --- nvidia facts ---------------------------------------------------------------------------------
+
+
+def test_nvidia_smi_hgx_capture() -> None:
+    state = parse_nvidia_smi(lines("nvidia-smi-h100x8.txt"))
+    assert state["error"] is None
+    assert len(state["gpus"]) == 8
+    assert state["gpus"][7] == {
+        "index": 7,
+        "name": "NVIDIA H100 80GB HBM3",
+        "driver_version": "570.172.08",
+        "persistence_mode": True,
+        "memory_total_mib": 81559,
+        "ecc_uncorrected": 0,
+    }
+
+
+def test_nvidia_smi_na_fields_and_persistence_off() -> None:
+    gpus = parse_nvidia_smi(lines("nvidia-smi-persistence-off.txt"))["gpus"]
+    assert [g["persistence_mode"] for g in gpus] == [True, False, True, False]
+    assert gpus[0]["ecc_uncorrected"] is None
+
+
+@pytest.mark.parametrize(
+    ("capture", "words"),
+    [
+        ("nvidia-smi-mismatch.txt", "Driver/library version mismatch"),
+        ("nvidia-smi-no-driver.txt", "couldn't communicate with the NVIDIA driver"),
+    ],
+)
+def test_nvidia_smi_failures_are_data(capture: str, words: str) -> None:
+    state = parse_nvidia_smi(lines(capture))
+    assert state["gpus"] == []
+    assert state["error"] is not None and words in state["error"]
+
+
+def test_kernel_module_pending_reboot() -> None:
+    module = parse_kernel_module(lines("kernel-module-pending.txt"))
+    assert module == {"loaded": "550.127.05", "installed": "570.172.08"}
+    assert reboot_pending(module)
+    assert not reboot_pending({"loaded": "570.172.08", "installed": "570.172.08"})
+    assert not reboot_pending({"loaded": None, "installed": None})
+
+
+# --- docker facts ---------------------------------------------------------------------------------
+
+
+def test_docker_info_gpu_node() -> None:
+    info = parse_docker_info(lines("docker-info-gpu.json"))
+    assert info is not None
+    assert runtimes(info) == ["io.containerd.runc.v2", "nvidia", "runc"]
+    assert problems(info, want_nvidia=True, data_root="/var/lib/docker") == []
+
+
+def test_docker_info_without_nvidia_runtime() -> None:
+    info = parse_docker_info(lines("docker-info-no-nvidia.json"))
+    assert problems(info, want_nvidia=False, data_root="/var/lib/docker") == []
+    (problem,) = problems(info, want_nvidia=True, data_root="/var/lib/docker")
+    assert "'nvidia' runtime is not registered" in problem
+    assert "data-root is /var/lib/docker" in problems(info, want_nvidia=False, data_root="/data")[0]
+
+
+def test_docker_info_daemon_down() -> None:
+    assert parse_docker_info(lines("docker-info-daemon-down.json")) is None
+    assert parse_docker_info([]) is None
+    assert "does not answer" in problems(None, want_nvidia=False, data_root="/var/lib/docker")[0]
+
+
+# --- rdma facts -----------------------------------------------------------------------------------
+
+
+def test_ibstat_capture() -> None:
+    cas = parse_ibstat(lines("ibstat-hgx.txt"))
+    assert sorted(cas) == ["mlx5_0", "mlx5_1"]
+    assert cas["mlx5_0"]["firmware"] == "28.39.1002"
+    assert cas["mlx5_1"]["ports"][1] == {
+        "state": "Active",
+        "physical_state": "LinkUp",
+        "rate_gbps": 200.0,
+        "link_layer": "Ethernet",
+    }
+
+
+def test_ibv_devinfo_and_rdma_link_captures() -> None:
+    devices = parse_ibv_devinfo(lines("ibv_devinfo-hgx.txt"))
+    assert devices["mlx5_0"][1] == {
+        "state": "PORT_ACTIVE",
+        "active_mtu": 4096,
+        "link_layer": "Ethernet",
+    }
+    assert devices["mlx5_1"][1]["state"] == "PORT_DOWN"
+    links = parse_rdma_link(lines("rdma-link-hgx.txt"))
+    assert links[1] == {
+        "device": "mlx5_1",
+        "port": 1,
+        "state": "DOWN",
+        "physical_state": "POLLING",
+        "netdev": "ens1f1np1",
+    }
+
+
+def test_port_problems_name_node_device_and_port() -> None:
+    spec = load_spec(BAREMETAL)
+    wanted = mellanox.wanted_ports(spec.node("gpu-01"))
+    assert port_problems("gpu-01", wanted, parse_ibstat(lines("ibstat-hgx.txt"))) == []
+    slow, down = port_problems("gpu-01", wanted, parse_ibstat(lines("ibstat-degraded.txt")))
+    assert slow.startswith("gpu-01 mlx5_0 port 1: runs at 100 Gb/s, the spec wants 200 Gb/s")
+    assert down.startswith("gpu-01 mlx5_1 port 1: down (state Down, physical state Polling)")
+    (missing, wrong_layer) = port_problems(
+        "gpu-01", wanted, parse_ibstat(lines("ibstat-infiniband.txt"))
+    )
+    assert "link layer is InfiniBand, the spec wants ethernet" in missing
+    assert wrong_layer.startswith("gpu-01 mlx5_1 port 1: device not found (ibstat lists: mlx5_0)")
+
+
+def test_roce_gid_index_for_nccl() -> None:
+    gids = parse_gids(lines("gids-hgx.txt"))
+    assert nccl_gid_index(gids, "mlx5_0") == 3
+    assert str(gid_ipv4(gids[3]["gid"])) == "198.51.100.11"
+    two = parse_gids(lines("gids-two-vlans.txt"))
+    assert nccl_gid_index(two, "mlx5_0") == 3
+    assert nccl_gid_index(two, "mlx5_0", netdev="bond1.12") == 5
+    assert nccl_gid_index(parse_gids(lines("gids-no-address.txt")), "mlx5_0") is None
+
+
+def test_nccl_ib_env_for_the_serving_role() -> None:
+    node = load_spec(BAREMETAL).node("gpu-01")
+    offline = mellanox.nccl_ib_env(node)
+    assert offline == {"NCCL_IB_HCA": "mlx5_0:1,mlx5_1:1", "NCCL_IB_GID_INDEX": "3"}
+    assert mellanox.nccl_ib_env(node, parse_gids(lines("gids-hgx.txt"))) == offline
+    with pytest.raises(ValueError, match="no RoCE v2 IPv4 GID on mlx5_0, mlx5_1"):
+        mellanox.nccl_ib_env(node, parse_gids(lines("gids-no-address.txt")))
+    assert mellanox.nccl_ib_env(load_spec(BAREMETAL).node("gpu-03")) == {}
+
+
+# --- nvidia_driver decisions ------------------------------------------------------------------------
+
+
+def test_stale_packages_only_when_they_differ() -> None:
+    converged = ["nvidia-driver-570-server", "libnvidia-compute-570-server", "cuda-toolkit-12-8"]
+    assert nvidia_driver.stale_packages(converged, 570) == []
+    old = [
+        "nvidia-driver-535-server",
+        "libnvidia-compute-535-server",
+        "linux-modules-nvidia-535-server-6.8.0-1009-nvidia",
+        "nvidia-container-toolkit",
+        "libnvidia-container1",
+        "cuda-toolkit-12-2",
+        "openssh-server",
+    ]
+    assert nvidia_driver.stale_packages(old, 570) == [
+        "cuda-toolkit-12-2",
+        "libnvidia-compute-535-server",
+        "linux-modules-nvidia-535-server-6.8.0-1009-nvidia",
+        "nvidia-driver-535-server",
+    ]
+    # CUDA's driver metapackages follow the newest branch: always out.
+    assert nvidia_driver.stale_packages(["cuda-drivers-570", "cuda"], 570) == [
+        "cuda",
+        "cuda-drivers-570",
+    ]
+
+
+def test_package_names_and_fabric_manager_version() -> None:
+    stack = NvidiaStack(driver_version="570.172.08-0ubuntu1", open_kernel_modules=True)
+    node = load_spec(BAREMETAL).node("gpu-01")
+    assert nvidia_driver.wanted_packages(stack, node) == [
+        "nvidia-driver-570-server-open=570.172.08-0ubuntu1",
+        "nvidia-fabricmanager-570=570.172.08-1",
+    ]
+    pcie = load_spec(BAREMETAL).node("gpu-03")
+    assert nvidia_driver.wanted_packages(NvidiaStack(driver_flavour="desktop"), pcie) == [
+        "nvidia-driver-570"
+    ]
+
+
+def test_spec_rejects_fabric_manager_of_another_version() -> None:
+    with pytest.raises(ValidationError, match="fabric manager must run exactly the driver"):
+        NvidiaStack(driver_version="570.172.08-0ubuntu1", fabricmanager_version="570.133.20-1")
+
+
+def test_gpu_problems() -> None:
+    spec = load_spec(BAREMETAL)
+    node, stack = spec.node("gpu-01"), spec.nvidia
+    ok = parse_nvidia_smi(lines("nvidia-smi-h100x8.txt"))
+    assert nvidia_driver.gpu_problems(node, stack, ok, "active") == []
+    short = parse_nvidia_smi(lines("nvidia-smi-h100x7.txt"))
+    assert nvidia_driver.gpu_problems(node, stack, short, "failed") == [
+        "gpu-01: nvidia-smi sees 7 GPUs, the spec says 8x H100 (reseat or check `dmesg | grep NVRM`)",
+        "gpu-01: nvidia-fabricmanager is failed (NVSwitch boards need it active with exactly the "
+        "driver's version: `journalctl -u nvidia-fabricmanager`)",
+    ]
+    pinned = NvidiaStack(driver_version="570.195.03-0ubuntu1")
+    assert nvidia_driver.gpu_problems(node, pinned, ok, "active") == [
+        "gpu-01: driver 570.172.08 runs, the spec wants 570.195.03"
+    ]
+    wrong_model = nvidia_driver.gpu_problems(
+        spec.node("gpu-03"), stack, ok, None
+    )  # H100s where the spec says L40S
+    assert "gpu-03: GPUs are NVIDIA H100 80GB HBM3, the spec says L40S" in wrong_model
+    mismatch = parse_nvidia_smi(lines("nvidia-smi-mismatch.txt"))
+    assert nvidia_driver.gpu_problems(node, stack, mismatch, "active")[0].startswith(
+        "gpu-01: nvidia-smi failed: Failed to initialize NVML: Driver/library version mismatch"
+    )
+
+
+# --- plans ----------------------------------------------------------------------------------------
+
+
+def test_plans_concern_the_right_nodes() -> None:
+    spec = load_spec(BAREMETAL)
+    applies = {
+        role: sorted(n.name for n in spec.nodes if module.plan(spec, n) is not None)
+        for role, module in ROLES.items()
+    }
+    assert applies == {
+        "nvidia_driver": ["gpu-01", "gpu-02", "gpu-03"],
+        "container_runtime": ["gpu-01", "gpu-02", "gpu-03", "storage-01"],
+        "mellanox": ["gpu-01", "gpu-02"],
+    }
+
+
+def test_lab_plans_skip_but_describe_production() -> None:
+    spec = load_spec(LAB)
+    node = spec.node("gpu-01")
+    driver = nvidia_driver.plan(spec, node)
+    assert driver is not None and driver.skipped == "lab: no GPUs / no vendor repositories"
+    assert any("install nvidia-driver-570-server" in line for line in driver.summary)
+    rdma = mellanox.plan(spec, node)
+    assert rdma is not None and rdma.skipped
+    runtime = container_runtime.plan(spec, node)
+    assert runtime is not None and runtime.skipped is None
+    assert runtime.summary[0].startswith("LAB: Debian's docker.io")
+    assert any("docker-ce" in line for line in runtime.summary)  # production still shown
+    assert runtime.packages == ["docker.io"]
+    assert mellanox.plan(spec, spec.node("lb-01")) is None
+
+
+def test_daemon_json_as_nvidia_ctk_writes_it() -> None:
+    spec = load_spec(BAREMETAL)
+    rendered = json.loads(container_runtime.daemon_json(spec, spec.node("gpu-01")))
+    assert rendered == {
+        "data-root": "/var/lib/docker",
+        "log-driver": "json-file",
+        "log-opts": {"max-file": "5", "max-size": "100m"},
+        "runtimes": {"nvidia": {"args": [], "path": "nvidia-container-runtime"}},
+    }
+    assert "runtimes" not in json.loads(
+        container_runtime.daemon_json(spec, spec.node("storage-01"))
+    )
