@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
+from pyinfra.api.facts import FactBase
 
 
 def parse_docker_info(lines: list[str]) -> dict[str, Any] | None:

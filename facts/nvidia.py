@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TypedDict
 
-from pyinfra.api import FactBase
+from pyinfra.api.facts import FactBase
 
 # Fields asked of nvidia-smi, in order; `process` relies on this order.
 QUERY_FIELDS: tuple[str, ...] = (

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from ipaddress import IPv4Address
 from typing import TypedDict
 
-from pyinfra.api import FactBase
+from pyinfra.api.facts import FactBase
 
 # --- ibstat ---------------------------------------------------------------------------------
 

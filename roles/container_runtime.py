@@ -21,9 +21,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from pyinfra import host
-from pyinfra.api import deploy
+from pyinfra.api.deploy import deploy
 from pyinfra.api.exceptions import DeployError
+from pyinfra.context import host
 from pyinfra.facts.server import Arch, LinuxDistribution
 from pyinfra.operations import apt, systemd
 from pyinfra.operations.util import any_changed

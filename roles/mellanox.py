@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pyinfra import host
-from pyinfra.api import deploy
+from pyinfra.api.deploy import deploy
+from pyinfra.context import host
 from pyinfra.facts.server import Arch, LinuxDistribution
 from pyinfra.operations import apt, systemd
 from pyinfra.operations.util import any_changed
@@ -153,6 +153,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
         return
     nvidia, version = spec.nvidia, doca_version(spec)
     keyring_directory(ROLE)
+    distribution = host.get_fact(LinuxDistribution)
     repo_ops = add_repository(
         ROLE,
         nvidia.doca_key_url,
@@ -163,7 +164,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
             keyring=DOCA_KEYRING,
             repository=nvidia.doca_repository.rstrip("/"),
             version=version,
-            distro=doca_distro(host.get_fact(LinuxDistribution)),
+            distro=doca_distro(distribution),
             arch=doca_arch(host.get_fact(Arch)),
         ),
     )
@@ -191,14 +192,17 @@ def apply(spec: ClusterSpec, node: Node) -> None:
         name=f"[{ROLE}] Verify RDMA ports against the spec",
         what="RDMA check",
         problems=lambda: (
-            port_problems(node.name, wanted_ports(node), _ibstat())
-            + roce_problems(node, host.get_fact(RoceGids))
+            port_problems(node.name, wanted_ports(node), _ibstat()) + roce_problems(node, _gids())
         ),
     )
 
 
 def _ibstat() -> dict[str, CaInfo]:
     return host.get_fact(IbStat)
+
+
+def _gids() -> list[Gid]:
+    return host.get_fact(RoceGids)
 
 
 __all__ = ["DEFAULT_ROCE_GID_INDEX", "apply", "nccl_ib_env", "plan", "roce_problems"]

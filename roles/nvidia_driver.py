@@ -23,10 +23,12 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from pyinfra import host, logger
-from pyinfra.api import FunctionCommand, StringCommand, deploy, operation
+from pyinfra import logger
+from pyinfra.api.command import FunctionCommand, StringCommand
+from pyinfra.api.deploy import deploy
 from pyinfra.api.exceptions import DeployError
-from pyinfra.api.operation import OperationMeta
+from pyinfra.api.operation import OperationMeta, operation
+from pyinfra.context import host
 from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.server import Arch, LinuxDistribution
 from pyinfra.operations import apt, files, python, server, systemd
@@ -273,8 +275,8 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
 @operation()
 def hold_packages(packages: list[str]) -> Any:
     """Mark PACKAGES held; yields nothing when `apt-mark showhold` lists them all already."""
-    held = set(host.get_fact(HeldPackages))
-    missing = sorted(set(packages) - held)
+    held: list[str] = host.get_fact(HeldPackages)
+    missing = sorted(set(packages) - set(held))
     if missing:
         yield StringCommand("apt-mark", "hold", *missing)
     else:
@@ -348,7 +350,8 @@ def apply(spec: ClusterSpec, node: Node) -> None:
         )
 
     keyring_directory(ROLE)
-    distro = cuda_distro(host.get_fact(LinuxDistribution))
+    distribution = host.get_fact(LinuxDistribution)
+    distro = cuda_distro(distribution)
     arch = repository_arch(host.get_fact(Arch))
     repo_ops = add_repository(
         ROLE,

@@ -47,12 +47,14 @@ from types import ModuleType
 from typing import Any
 from unittest import mock
 
-from pyinfra.api import Config, Inventory, State
 from pyinfra.api.arguments import all_global_arguments
 from pyinfra.api.command import FunctionCommand, StringCommand
+from pyinfra.api.config import Config
 from pyinfra.api.deploy import add_deploy
 from pyinfra.api.exceptions import PyinfraError
+from pyinfra.api.inventory import Inventory
 from pyinfra.api.operations import run_ops
+from pyinfra.api.state import State
 from pyinfra.api.util import get_kwargs_str
 from pyinfra.connectors.fake import FakeConnector
 
@@ -252,13 +254,14 @@ def run_case(case: Case, role: ModuleType) -> Result:
     facts = FactSource(case, planned)
     result = Result()
 
-    inventory = Inventory(([(f"@fake/{node.name}", {"fake_delay": 0, "fake_delay_jitter": 0})], {}))
-    config = Config()
+    fake_host = (f"@fake/{node.name}", {"fake_delay": 0, "fake_delay_jitter": 0})
+    inventory = Inventory(([fake_host], {}))  # type: ignore[no-untyped-call]
+    config = Config()  # type: ignore[no-untyped-call]
     config.TEMP_DIR = "/tmp"
     state = State(inventory, config)
     (host,) = list(inventory)
     state.activate_host(host)
-    host.get_fact = facts.get_fact  # type: ignore[method-assign]
+    host.get_fact = facts.get_fact  # type: ignore[method-assign,assignment]
 
     def op_name(op_hash: str | None) -> str:
         names = state.get_op_meta(op_hash).names if op_hash else {"(outside an operation)"}
