@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -314,3 +315,139 @@ def test_every_node_gets_base(spec_path: Path) -> None:
         for host_file in plan.files:
             assert host_file.content.startswith(("#", "//")), host_file.path
             assert "Managed by deepfleet" in host_file.content
+
+
+# --- operations: a pyinfra dry run of the three OS roles -----------------------------------
+
+DRY_DEPLOY = """\
+import os
+
+from pyinfra.facts import systemd
+
+# This build machine's PID 1 is not systemd: answer "no units" instead of failing the fact.
+systemd.SystemdStatus.command = lambda self, *args, **kwargs: "true"
+systemd.SystemdEnabled.command = lambda self, *args, **kwargs: "true"
+
+from infra.spec import load_spec
+from roles import base, model_storage, timesync
+
+spec = load_spec(os.environ["DRY_SPEC"])
+node = spec.node(os.environ["DRY_NODE"])
+for role in (base, timesync, model_storage):
+    if role.plan(spec, node) is not None:
+        role.apply(spec=spec, node=node)
+"""
+# Operations that only follow a change (gated with `_if=`): never a change on their own.
+FOLLOW_UPS = ("Refresh apt lists", "Reload systemd", "Restart ", "Re-export", "Start deepfleet")
+# Verification steps read facts when the deploy runs and change nothing.
+CHECKS = ("Verify ", "Check ", "Report ")
+
+
+def dry_run(spec_path: Path, node: str, tmp_path: Path) -> list[dict[str, Any]]:
+    """`pyinfra @local deploy --dry --json` for one node: the operations, in order."""
+    deploy = tmp_path / "dry_deploy.py"
+    deploy.write_text(DRY_DEPLOY)
+    project = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [str(project / ".venv/bin/pyinfra"), "@local", str(deploy), "--dry", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=project,
+        env={
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "PYTHONPATH": str(project),
+            "DRY_SPEC": str(spec_path),
+            "DRY_NODE": node,
+        },
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan: list[dict[str, Any]] = json.loads(result.stdout)["plan"]
+    return plan
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("spec_name", "node", "expected"),
+    [
+        (
+            "lab",
+            "gpu-01",
+            [
+                "[base] Set hostname gpu-01",
+                "[base] Set time zone Asia/Shanghai",
+                "[base] Write /etc/hosts",
+                "[base] Write /etc/apt/apt.conf.d/90deepfleet-proxy",
+                "[base] Write /etc/apt/apt.conf.d/51deepfleet-unattended-upgrades",
+                "[base] Refresh apt lists from the new sources",
+                "[base] Install base packages",
+                "[base] Write /etc/sysctl.d/90-deepfleet.conf",
+                "[base] Set net.ipv4.tcp_rmem to 4096 87380 268435456",
+                "[base] Set net.ipv4.tcp_wmem to 4096 65536 268435456",
+                "[base] Set net.core.somaxconn to 4096",
+                "[base] Set net.ipv4.tcp_mtu_probing to 1",
+                "[base] Set net.ipv4.tcp_slow_start_after_idle to 0",
+                "[base] Write /etc/security/limits.d/90-deepfleet.conf",
+                "[base] Write /etc/cloud/cloud.cfg.d/99-disable-network-config.cfg",
+                "[timesync] Install chrony",
+                "[timesync] Remove systemd-timesyncd",
+                "[timesync] Write /etc/chrony/chrony.conf",
+                "[timesync] Write /etc/systemd/system/chrony.service.d/10-deepfleet-lab.conf",
+                "[timesync] Reload systemd after the chrony drop-in changed",
+                "[timesync] Start and enable chrony",
+                "[timesync] Restart chrony after its configuration changed",
+                "[timesync] Verify chrony is synchronised",
+                "[model_storage] Check the lab's read-only model mount /data/models",
+                "[model_storage] Report the model directories under /data/models",
+            ],
+        ),
+        (
+            "example-baremetal",
+            "storage-01",
+            [
+                "[model_storage] Install the NFS server",
+                "[model_storage] Create the export /srv/models",
+                "[model_storage] Create the model directory /srv/models/deepseek-r1",
+                "[model_storage] Create the model directory "
+                "/srv/models/deepseek-r1-distill-qwen-32b",
+                "[model_storage] Write /etc/exports.d/deepfleet.exports",
+                "[model_storage] Start and enable the NFS server",
+                "[model_storage] Re-export after the exports changed",
+            ],
+        ),
+        (
+            "example-baremetal",
+            "gpu-01",
+            [
+                "[model_storage] Install the nfs client",
+                "[model_storage] Write /etc/systemd/system/data-models.mount",
+                "[model_storage] Reload systemd after data-models.mount changed",
+                "[model_storage] Mount /data/models and mount it at boot",
+                "[model_storage] Report the model directories under /data/models",
+            ],
+        ),
+    ],
+)
+def test_operations_are_named_gated_and_read_only_checks(
+    spec_name: str, node: str, expected: list[str], tmp_path: Path
+) -> None:
+    operations = dry_run(HOSTS / f"{spec_name}.yaml", node, tmp_path)
+    names = []
+    for operation in operations:
+        role, _, name = operation["name"].partition(" | ")
+        assert name.startswith(f"[{role}] "), operation["name"]
+        names.append(name)
+        action = name.split("] ", 1)[1]
+        if action.startswith(FOLLOW_UPS):
+            assert operation["hosts_with_change"] == [], f"{name} runs without a change"
+            assert operation["hosts_with_conditional_change"] == ["@local"], name
+        if action.startswith(CHECKS):
+            assert operation["hosts_with_change"] == [], f"{name} would change the host"
+    if spec_name == "lab":
+        assert names == expected
+    else:
+        # Production: the model_storage part; base/timesync are as in the lab plus the rest.
+        assert [n for n in names if n.startswith("[model_storage]")] == expected
+        assert "[timesync] Verify chrony is synchronised" in names
+        assert "[base] Set vm.max_map_count to 1048576" in names
