@@ -933,12 +933,15 @@ def load_check(summary: LoadSummary | None, note: str = "") -> Check:
             "serving.load", Status.FAIL, None, None, f"load test gave no result {note}".strip()
         )
     p95 = summary.ttft_s.get("p95") or summary.ttft_s.get("p99")
-    figures = (
-        f"{summary.requests} requests ({summary.tool}), {summary.output_tokens_per_s:.1f} tok/s, "
-        f"TTFT p50/p95 {summary.ttft_s.get('p50', math.nan):.3f}/{p95 or math.nan:.3f} s, "
-        f"ITL p50/p95 {summary.itl_s.get('p50', math.nan) * 1000:.1f}/"
-        f"{summary.itl_s.get('p95', summary.itl_s.get('p99', math.nan)) * 1000:.1f} ms"
-    )
+    if not summary.ttft_s:
+        figures = f"{summary.requests} requests ({summary.tool}), none answered"
+    else:
+        figures = (
+            f"{summary.requests} requests ({summary.tool}), {summary.output_tokens_per_s:.1f} tok/s, "
+            f"TTFT p50/p95 {summary.ttft_s.get('p50', math.nan):.3f}/{p95 or math.nan:.3f} s, "
+            f"ITL p50/p95 {summary.itl_s.get('p50', math.nan) * 1000:.1f}/"
+            f"{summary.itl_s.get('p95', summary.itl_s.get('p99', math.nan)) * 1000:.1f} ms"
+        )
     if summary.failed or summary.requests == 0:
         return _check(
             "serving.load",

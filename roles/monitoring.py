@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from pyinfra.api import deploy
+from pyinfra.api.deploy import deploy
 from pyinfra.operations import apt, files, systemd
 
 from infra.render import FILES_DIR, HostFile, RolePlan, render

@@ -277,3 +277,72 @@ def test_cli_json_and_exit_code(
     assert code == 1 and report["status"] == "fail"
     dns = next(c for c in report["nodes"][0]["checks"] if c["name"] == "node.dns")
     assert dns["status"] == "fail"
+
+
+@pytest.fixture
+def standin() -> Any:
+    """The lab's SGLang stand-in on a free local port, with an API key."""
+    import socket
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "infra.standin.server",
+            "--port",
+            str(port),
+            "--served-model-name",
+            "r1-distill-qwen-7b",
+            "--api-key",
+            "lab-key",
+            "--enable-metrics",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_lab_serving_checks_against_the_standin(
+    standin: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    endpoint = check.Endpoint(
+        url=f"http://127.0.0.1:{standin}",
+        api_key="lab-key",
+        model="r1-distill-qwen-7b",
+        image=None,
+        bench_node="gpu-01",
+        model_dir=None,
+    )
+    monkeypatch.setattr(check, "serving_endpoint", lambda spec: endpoint)
+    checks = {c.name: c for c in check.serving_checks(LAB)}
+    assert [c.status for c in checks.values()] == [Status.PASS] * 3, checks
+    assert "requests (built-in)" in checks["serving.load"].message
+    assert "TTFT p50/p95" in checks["serving.load"].message
+    wrong = check.Endpoint(**{**endpoint.__dict__, "api_key": "nope"})
+    monkeypatch.setattr(check, "serving_endpoint", lambda spec: wrong)
+    refused = {c.name: c for c in check.serving_checks(LAB)}
+    assert refused["serving.chat"].status is Status.FAIL
+    assert "none answered" in refused["serving.load"].message
+
+
+def test_lab_serving_endpoint_is_the_load_balancer() -> None:
+    endpoint = check.serving_endpoint(LAB)
+    assert endpoint is not None
+    assert endpoint.url == "http://10.77.0.10:8000" and endpoint.model == "r1-distill-qwen-7b"
