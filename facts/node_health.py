@@ -14,7 +14,7 @@ the deploy left it):
 
 from __future__ import annotations
 
-from pyinfra.api import FactBase
+from pyinfra.api.facts import FactBase
 
 from infra.check import Section, parse_sections
 
