@@ -122,6 +122,18 @@ def _process_cmdlines() -> Iterable[tuple[int, list[str]]]:
             yield int(entry.name), raw.decode(errors="replace").rstrip("\0").split("\0")
 
 
+def running_nspawns() -> dict[str, int]:
+    """Lab network namespace name -> PID of the systemd-nspawn booted in it."""
+    found: dict[str, int] = {}
+    for pid, argv in _process_cmdlines():
+        if classify_cmdline(argv, "") != "nspawn":
+            continue
+        for arg in argv:
+            if arg.startswith(NSPAWN_NETNS_FLAG):
+                found[arg[len(NSPAWN_NETNS_FLAG) :]] = pid
+    return found
+
+
 def find_leftovers(paths: LabPaths, bridges: Iterable[str] = ()) -> Leftovers:
     found = Leftovers()
     found.netns = parse_netns(run(["ip", "netns", "list"], check=False).stdout)

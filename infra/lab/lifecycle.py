@@ -14,7 +14,7 @@ from pathlib import Path
 
 from infra.errors import Problem, UserError
 from infra.lab import aptcache, network, node
-from infra.lab.leftovers import Leftovers, classify_cmdline, find_leftovers
+from infra.lab.leftovers import Leftovers, classify_cmdline, find_leftovers, running_nspawns
 from infra.lab.paths import LabPaths
 from infra.lab.plan import NFT_TABLE, LabNode, LabPlan
 from infra.lab.rootfs import RootfsResult, ensure_rootfs
@@ -173,7 +173,11 @@ def _up(
                 f"apt: reusing the apt-cacher-ng that already answers on {plan.apt_proxy}"
                 " (not started by the lab; `lab down` leaves it alone)"
             )
-    pids = dict(previous.pids) if previous else {}
+    # The processes, not the state file, say what runs: a lost or stale state file must not
+    # lead to a second nspawn on a node's root.
+    by_netns = running_nspawns()
+    known = list(plan.nodes) + list(previous.plan.nodes if previous else ())
+    pids = {n.name: by_netns[n.netns] for n in known if n.netns in by_netns}
     # Nodes of an earlier, larger `up` that still run stay recorded, so `status` shows them.
     extra = tuple(
         n
@@ -195,6 +199,8 @@ def _up(
             to_start.append(lab_node)
     began = time.monotonic()
     for lab_node in to_start:
+        if network.netns_exists(lab_node.netns):
+            node.kill_netns_processes(lab_node.netns)
         network.ensure_node_network(plan, lab_node)
         node.mount_overlay(report.rootfs.path, paths, lab_node.name)
         node.prepare_root(plan, lab_node, paths, public_key)

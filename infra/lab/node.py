@@ -196,6 +196,24 @@ def stop_processes(pids: list[int], timeout: float = 15.0) -> None:
         reap(pid)
 
 
+def kill_netns_processes(netns: str, timeout: float = 5.0) -> None:
+    """SIGKILL what still runs in a node's namespace after its nspawn died.
+
+    Killing systemd-nspawn with SIGKILL leaves the container's systemd running; booting a
+    second one on the same root would corrupt it, so the orphan goes first.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listed = run(["ip", "netns", "pids", netns], check=False).stdout.split()
+        pids = [int(p) for p in listed if p.isdigit()]
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+
+
 def remove_node_dir(paths: LabPaths, node: str) -> None:
     """Throw the node's writable layer away (it is a throwaway host); keep the shared rootfs."""
     root = paths.node_root(node)

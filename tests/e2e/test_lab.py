@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -99,11 +101,44 @@ def test_up_twice_leaves_running_nodes_alone(lab: Lab) -> None:
     assert [n["pid"] for n in after["nodes"]] == [n["pid"] for n in before["nodes"]]
 
 
+def _nspid(pid: str) -> str:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return ""  # a short-lived process of the booting node, already gone
+    for line in status.splitlines():
+        if line.startswith("NSpid:"):
+            return line
+    return ""
+
+
+def test_up_restarts_a_node_whose_nspawn_was_killed(lab: Lab) -> None:
+    node = lab.plan.nodes[-1]
+    state = json.loads(lab.paths.state_file.read_text())
+    pid = next(n["pid"] for n in state["nodes"] if n["name"] == node.name)
+    os.kill(pid, signal.SIGKILL)  # the container's systemd survives this: up must clear it
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)  # our child when this session's `up` started it
+    report = up(lab.plan, lab.paths)
+    assert report.started == [node.name]
+    pids = subprocess.run(
+        ["ip", "netns", "pids", node.netns], capture_output=True, text=True, check=True
+    ).stdout.split()
+    # A container's init is PID 1 in its own PID namespace (last field of NSpid).
+    inits = [p for p in pids if _nspid(p).endswith(" 1") or _nspid(p).endswith("\t1")]
+    assert len(inits) == 1, "exactly one init boots on the node's root"
+    assert lab.ssh(node.name, "hostname").stdout.strip() == node.name
+
+
 def _host_snapshot() -> tuple[str, str, str, str]:
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     mounts = Path("/proc/self/mounts").read_text()
-    procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    listing = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True)
+    # Zombies are already dead; they wait for a parent (maybe this test process) to reap them.
+    procs = "\n".join(
+        line for line in listing.stdout.splitlines() if not line.lstrip().startswith("Z")
+    )
     return netns, links, mounts, procs
 
 
