@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,7 @@ from facts.rdma import (
 )
 from infra.spec import NvidiaStack, load_spec
 from roles import container_runtime, mellanox, nvidia_driver
-from tests.operations.harness import Case, load_cases, run_case
+from tests.operations.harness import Case, MissingFact, load_cases, run_case
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gpu"
 BAREMETAL = Path(__file__).parent.parent / "hosts" / "example-baremetal.yaml"
@@ -319,3 +321,31 @@ def test_daemon_json_as_nvidia_ctk_writes_it() -> None:
     assert "runtimes" not in json.loads(
         container_runtime.daemon_json(spec, spec.node("storage-01"))
     )
+
+
+@pytest.mark.validators
+def test_apt_reads_the_unattended_upgrades_blacklist(tmp_path: Path) -> None:
+    apt_config = shutil.which("apt-config")
+    if apt_config is None:
+        pytest.skip("apt-config not installed (Debian package apt)")
+    (blacklist,) = [f for f in nvidia_driver.planned_files() if "unattended" in f.path]
+    conf = tmp_path / "51deepfleet"
+    conf.write_text(blacklist.content)
+    dump = subprocess.run(
+        [apt_config, "-c", str(conf), "dump"], capture_output=True, text=True, check=True
+    ).stdout
+    listed = [
+        line.split('"')[1]
+        for line in dump.splitlines()
+        if line.startswith("Unattended-Upgrade::Package-Blacklist:: ")
+    ]
+    assert listed == list(nvidia_driver.UNATTENDED_PATTERNS)
+
+
+def test_harness_names_a_missing_fact(tmp_path: Path) -> None:
+    case = Case(
+        tmp_path / "nvidia_driver" / "incomplete.json",
+        {"spec": "hosts/example-baremetal.yaml", "node": "gpu-03", "facts": {}, "commands": {}},
+    )
+    with pytest.raises(MissingFact, match=r"incomplete: no value for fact deb\.DebPackages\(\)"):
+        run_case(case, nvidia_driver)
