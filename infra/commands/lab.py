@@ -55,7 +55,14 @@ def _plan(spec_path: str, nodes: int | None = None) -> LabPlan:
     # Imported late: the lab commands that only read state work without the spec's deps.
     from infra.spec import load_spec
 
-    return plan_from_spec(load_spec(spec_path), nodes)
+    spec = load_spec(spec_path)
+    try:
+        return plan_from_spec(spec, nodes)
+    except UserError as error:
+        # plan_from_spec knows spec paths, not the file: name it here.
+        for problem in error.problems:
+            problem.file = problem.file or spec_path
+        raise
 
 
 def _recorded_or_spec(paths: LabPaths, spec_path: str) -> LabPlan:
@@ -83,7 +90,10 @@ def run_up(args: argparse.Namespace) -> int:
 
 def status_document(plan: LabPlan, paths: LabPaths) -> dict[str, object]:
     state = load_state(paths.state_file)
-    api_key = paths.api_key.read_text().strip() if paths.api_key.exists() else None
+    try:
+        api_key: str | None = paths.api_key.read_text().strip()
+    except OSError:
+        api_key = None  # not created yet, or not readable by this user (it is mode 600)
     return {
         "nodes": [
             {"name": s.name, "address": s.address, "groups": list(s.groups), "state": s.state}
