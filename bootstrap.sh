@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 APT_PACKAGES=(
-  python3 python3-venv python3-pip git ca-certificates curl openssh-client
+  python3 python3-venv python3-pip git ca-certificates curl openssh-client openssl
   # the lab: namespaces, nspawn nodes, a Debian rootfs, an apt cache for the nodes
   iproute2 nftables systemd-container mmdebstrap apt-cacher-ng uidmap
   # the real tools that read our rendered configs (see docs/testing.md)

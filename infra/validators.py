@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -20,7 +21,7 @@ from infra.render import HostFile
 
 
 @dataclass
-class ConfigRejected(Exception):  # noqa: N818 - it is the result, not an error in our code
+class ConfigRejected(Exception):
     tool: str
     path: str
     output: str
@@ -62,7 +63,11 @@ def check_netplan(files: list[HostFile]) -> dict[str, str]:
         paths = ", ".join(f.path for f in files)
         _run([netplan, "generate", "--root-dir", root], paths, "netplan generate")
         generated = Path(root) / "run/systemd/network"
-        return {p.name: p.read_text() for p in sorted(generated.glob("*"))} if generated.exists() else {}
+        return (
+            {p.name: p.read_text() for p in sorted(generated.glob("*"))}
+            if generated.exists()
+            else {}
+        )
 
 
 def check_chrony(host_file: HostFile) -> None:
@@ -74,22 +79,64 @@ def check_chrony(host_file: HostFile) -> None:
         _run([chronyd, "-p", "-f", conf.name], host_file.path, "chronyd -p")
 
 
+# Programs and units that packages installed by our roles provide on a node, but that this
+# machine may lack. Only these are stubbed: a typo in any other path or unit still fails.
+NODE_PROGRAMS = {
+    "/usr/bin/docker",
+    "/usr/bin/nvidia-smi",
+    "/usr/bin/nvidia-persistenced",
+    "/usr/bin/nv-fabricmanager",
+    "/usr/bin/prometheus",
+    "/usr/bin/prometheus-node-exporter",
+    "/usr/sbin/haproxy",
+    "/usr/sbin/keepalived",
+    "/usr/sbin/chronyd",
+    "/usr/sbin/nft",
+}
+NODE_UNITS = {
+    "docker.service",
+    "docker.socket",
+    "containerd.service",
+    "nvidia-persistenced.service",
+    "nvidia-fabricmanager.service",
+    "openibd.service",
+    "prometheus.service",
+    "prometheus-node-exporter.service",
+    "haproxy.service",
+    "chrony.service",
+    "nfs-server.service",
+}
+EXEC_LINE = re.compile(r"^Exec[A-Za-z]*=[-@:+!]*(?P<path>/\S+)", re.MULTILINE)
+UNIT_REF = re.compile(
+    r"^(?:Requires|Wants|After|Before|BindsTo|PartOf|Requisite)=(?P<units>.+)$", re.MULTILINE
+)
+
+
 def check_systemd_units(files: list[HostFile]) -> None:
-    """`systemd-analyze verify` on units placed in an empty root; any complaint is a failure."""
+    """`systemd-analyze verify` in a scratch root holding this machine's stock units, our units,
+    and stubs for the node programs/units listed above; any complaint is a failure."""
     analyze = _tool("systemd-analyze", "systemd")
-    with tempfile.TemporaryDirectory() as root:
+    with tempfile.TemporaryDirectory() as root_name:
+        root = Path(root_name)
+        shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+        for merged in ("lib", "bin", "sbin"):
+            (root / merged).symlink_to(f"usr/{merged}")
         units: list[str] = []
         for host_file in files:
-            target = Path(root) / host_file.path.lstrip("/")
+            target = root / host_file.path.lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(host_file.content)
             units.append(str(target))
-        # verify resolves ExecStart binaries inside --root: give it the host's programs.
-        for directory in ("usr", "bin", "sbin", "lib", "lib64", "etc/systemd/system"):
-            source, link = Path("/") / directory, Path(root) / directory
-            if source.exists() and not link.exists():
-                link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to(source)
+            for match in EXEC_LINE.finditer(host_file.content):
+                program = match.group("path")
+                if program in NODE_PROGRAMS or Path(program).exists():
+                    _stub(root / program.lstrip("/"), "#!/bin/sh\n", executable=True)
+            for match in UNIT_REF.finditer(host_file.content):
+                for unit in match.group("units").split():
+                    if unit in NODE_UNITS:
+                        _stub(
+                            root / "etc/systemd/system" / unit, "[Service]\nExecStart=/bin/true\n"
+                        )
         _run(
             [analyze, "verify", "--man=no", f"--root={root}", *units],
             ", ".join(f.path for f in files),
@@ -98,12 +145,58 @@ def check_systemd_units(files: list[HostFile]) -> None:
         )
 
 
+def _stub(path: Path, content: str, executable: bool = False) -> None:
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    if executable:
+        path.chmod(0o755)
+
+
 def check_haproxy(host_file: HostFile) -> None:
+    """`haproxy -c`; files the config references under /etc/haproxy (certificates, maps) are
+    deployed separately from secrets, so stand-ins are made for them: a throwaway self-signed
+    PEM for each certificate, an empty file for the rest."""
     haproxy = _tool("haproxy", "haproxy")
-    with tempfile.NamedTemporaryFile("w", suffix=".cfg") as conf:
-        conf.write(host_file.content)
-        conf.flush()
-        _run([haproxy, "-dW", "-c", "-f", conf.name], host_file.path, "haproxy -c")
+    with tempfile.TemporaryDirectory() as scratch:
+        content = host_file.content
+        for reference in sorted(set(re.findall(r"/etc/haproxy/[\w./-]+", content))):
+            stand_in = Path(scratch) / reference.lstrip("/")
+            stand_in.parent.mkdir(parents=True, exist_ok=True)
+            if reference.endswith(".pem"):
+                _self_signed_pem(stand_in)
+            else:
+                stand_in.touch()
+            content = content.replace(reference, str(stand_in))
+        conf = Path(scratch) / "haproxy.cfg"
+        conf.write_text(content)
+        _run([haproxy, "-dW", "-c", "-f", str(conf)], host_file.path, "haproxy -c")
+
+
+def _self_signed_pem(path: Path) -> None:
+    key, cert = path.with_suffix(".key"), path.with_suffix(".crt")
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=deepfleet-check",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    path.write_text(cert.read_text() + key.read_text())
 
 
 def check_nginx(host_file: HostFile) -> None:
@@ -134,9 +227,7 @@ def check_sshd(host_file: HostFile) -> None:
     with tempfile.TemporaryDirectory() as directory:
         conf = Path(directory) / "sshd_config"
         key = Path(directory) / "host_key"
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True
-        )
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
         conf.write_text(host_file.content)
         _run([sshd, "-t", "-f", str(conf), "-h", str(key)], host_file.path, "sshd -t")
 
