@@ -186,6 +186,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
                 repository=runtime.repository.rstrip("/"),
                 codename=codename(distribution),
             ),
+            replaces=("/etc/apt/sources.list.d/docker.list",),  # Docker's install guide
         )
         if gpu_runtime:
             repo_ops += add_repository(
@@ -198,6 +199,8 @@ def apply(spec: ClusterSpec, node: Node) -> None:
                     keyring=TOOLKIT_KEYRING,
                     repository=nvidia.container_toolkit_repository.rstrip("/"),
                 ),
+                # NVIDIA's install guide
+                replaces=("/etc/apt/sources.list.d/nvidia-container-toolkit.list",),
             )
         apt.update(
             name=f"[{ROLE}] Update apt lists after a repository change", _if=any_changed(*repo_ops)

@@ -167,6 +167,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
             distro=doca_distro(distribution),
             arch=doca_arch(host.get_fact(Arch)),
         ),
+        replaces=("/etc/apt/sources.list.d/doca.list",),  # NVIDIA's DOCA install guide
     )
     apt.update(
         name=f"[{ROLE}] Update apt lists after a repository change", _if=any_changed(*repo_ops)

@@ -314,9 +314,19 @@ def keyring_directory(role: str) -> OperationMeta:
 
 
 def add_repository(
-    role: str, key_url: str, keyring: str, source_path: str, source: str
+    role: str,
+    key_url: str,
+    keyring: str,
+    source_path: str,
+    source: str,
+    replaces: tuple[str, ...] = (),
 ) -> list[OperationMeta]:
-    """Signing key (ASCII-armoured, read by signed-by) and one-line source; returns both ops."""
+    """Signing key (ASCII-armoured, read by signed-by) and one-line source; returns the ops.
+
+    REPLACES names the source files the vendors' install guides create. Left beside ours they
+    name the same repository with another ``signed-by`` keyring, and apt then refuses every
+    update ("Conflicting values set for option Signed-By"), so they go.
+    """
     key = files.download(
         name=f"[{role}] Download repository key {key_url}",
         src=key_url,
@@ -324,7 +334,15 @@ def add_repository(
         mode="644",
     )
     listed = put_file(HostFile(source_path, source), role)
-    return [key, listed]
+    removed = [
+        files.file(
+            name=f"[{role}] Remove {path} (superseded by {source_path})",
+            path=path,
+            present=False,
+        )
+        for path in replaces
+    ]
+    return [key, listed, *removed]
 
 
 # --- apply ---------------------------------------------------------------------------------------
@@ -365,6 +383,8 @@ def apply(spec: ClusterSpec, node: Node) -> None:
             distro=distro,
             arch=arch,
         ),
+        # What NVIDIA's cuda-keyring package writes.
+        replaces=(f"/etc/apt/sources.list.d/cuda-{distro}-{arch}.list",),
     )
     apt.update(
         name=f"[{ROLE}] Update apt lists after a repository change", _if=any_changed(*repo_ops)
