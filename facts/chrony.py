@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from pyinfra.api.exceptions import FactProcessError
@@ -27,6 +28,9 @@ TRACKING_FIELDS = (
 # chronyd's reference ID when it serves its own clock (`local stratum N`): 127.127.1.1.
 LOCAL_REFERENCE_ID = "7F7F0101"
 UNSYNCHRONISED = "Not synchronised"
+# chronyc reports its own failures on stdout as a numbered status ("506 Cannot talk to
+# daemon" when chronyd is not running, "501 Not authorised"), and exits 1.
+CHRONYC_STATUS = re.compile(r"^\d{3} ")
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,8 @@ def parse_tracking(line: str) -> Tracking:
 
 
 class ChronyTracking(FactBase[Tracking | None]):
-    """chronyd's tracking report; None when chronyd does not answer (not installed or stopped)."""
+    """chronyd's tracking report; None when chronyd does not answer (stopped, or chronyc
+    refused: its numbered status line). chronyc missing altogether gives the default, None."""
 
     def requires_command(self) -> str:
         return "chronyc"
@@ -96,10 +101,10 @@ class ChronyTracking(FactBase[Tracking | None]):
     def command(self) -> str:
         # -c: one machine-readable CSV line; -n: no DNS lookups of the source's address.
         # A stopped chronyd is a state to report, not a failure to read the fact.
-        return "chronyc -c -n tracking 2>/dev/null || true"
+        return "chronyc -c -n tracking 2>&1 || true"
 
     def process(self, output: list[str]) -> Tracking | None:
         lines = [line for line in output if line.strip()]
-        if not lines:
+        if not lines or CHRONYC_STATUS.match(lines[0]):
             return None
         return parse_tracking(lines[0])

@@ -134,7 +134,8 @@ def tracking_verdict(tracking: Tracking | None, node_name: str, enforce: bool) -
     is the build host's and offsets mean nothing."""
     if tracking is None:
         message = f"{node_name}: chronyd did not answer `chronyc tracking`"
-        return Verdict(not enforce, message)
+        hint = " - check `systemctl status chrony` on the node"
+        return Verdict(not enforce, message + (hint if enforce else " (lab: not enforced)"))
     message = f"{node_name}: chrony {tracking.describe()}"
     if not tracking.synchronised:
         hint = (

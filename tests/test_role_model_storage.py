@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -380,3 +381,68 @@ def test_cache_script_verifies_copies_and_catches_a_torn_one(tmp_path: Path) -> 
     (source / "bare").mkdir()
     assert run("bare").returncode == 1
     assert _cache_status(source, cache, ["bare"]) == {"bare": "no-manifest"}
+
+
+# --- the checks as pyinfra runs them -------------------------------------------------------
+
+CHECK_DEPLOY = """\
+import os
+
+from roles import model_storage
+
+model_storage.read_only_mount_present(
+    name="[model_storage] Check the model mount",
+    node_name="gpu-09",
+    path=os.environ["MOUNT"],
+)
+model_storage.report_models(
+    name="[model_storage] Report the model directories",
+    node_name="gpu-09",
+    mount_point=os.environ["MOUNT"],
+    model_paths=["deepseek-r1", "qwen"],
+    cache_dir=None,
+)
+"""
+
+
+def _run_checks(mount: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    deploy = tmp_path / "checks.py"
+    deploy.write_text(CHECK_DEPLOY)
+    project = Path(__file__).resolve().parent.parent
+    return subprocess.run(
+        [str(project / ".venv/bin/pyinfra"), "@local", str(deploy), "-y"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=project,
+        env={
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "PYTHONPATH": str(project),
+            "MOUNT": str(mount),
+        },
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
+def test_mount_check_runs_at_deploy_time_and_fails_naming_the_node(tmp_path: Path) -> None:
+    source, mount = tmp_path / "models", tmp_path / "mnt"
+    (source / "deepseek-r1").mkdir(parents=True)
+    mount.mkdir()
+    subprocess.run(["mount", "--bind", str(source), str(mount)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(mount)], check=True)
+        read_only = _run_checks(mount, tmp_path)
+        assert read_only.returncode == 0, read_only.stderr
+        assert f"gpu-09: {mount}: missing qwen" in read_only.stderr + read_only.stdout
+
+        subprocess.run(["mount", "-o", "remount,bind,rw", str(mount)], check=True)
+        writable = _run_checks(mount, tmp_path)
+        assert writable.returncode != 0
+        assert f"gpu-09: {mount} is mounted read-write" in writable.stderr + writable.stdout
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+    missing = _run_checks(mount, tmp_path)
+    assert missing.returncode != 0
+    assert f"gpu-09: nothing is mounted at {mount}" in missing.stderr + missing.stdout
