@@ -15,7 +15,7 @@ import yaml
 from facts.storage import ModelCache, MountPoint
 from infra.render import HostFile, RolePlan
 from infra.spec import ClusterSpec, load_spec
-from infra.validators import ConfigRejected
+from infra.validators import ConfigRejected, check_systemd_units
 from roles import model_storage
 from tests.conftest import EXAMPLE_SPECS, HOSTS
 from tests.test_role_timesync import systemd_verify
@@ -182,7 +182,7 @@ def test_systemd_accepts_every_mount_unit(spec_path: Path) -> None:
         plan = model_storage.plan(spec, node)
         units = [f for f in plan.files if f.path.endswith(".mount")] if plan else []
         if units:
-            systemd_verify(units)
+            check_systemd_units(units)
 
 
 @pytest.mark.validators
@@ -190,10 +190,10 @@ def test_systemd_rejects_a_mount_unit_named_for_another_path() -> None:
     unit = next(f for f in _plan(BAREMETAL, "gpu-01").files if f.path == MOUNT_UNIT)
     renamed = HostFile("/etc/systemd/system/data-model.mount", unit.content)
     with pytest.raises(ConfigRejected, match="Where= setting doesn't match unit name"):
-        systemd_verify([renamed])
+        check_systemd_units([renamed])
     moved = HostFile(MOUNT_UNIT, unit.content.replace("Where=/data/models", "Where=/models"))
     with pytest.raises(ConfigRejected, match="Where= setting doesn't match unit name"):
-        systemd_verify([moved])
+        check_systemd_units([moved])
 
 
 # --- cloud stores --------------------------------------------------------------------------
@@ -289,7 +289,8 @@ def test_systemd_accepts_the_cache_unit(tmp_path: Path) -> None:
     script.write_text(_file(plan, model_storage.CACHE_SCRIPT))
     script.chmod(0o755)
     units = [
-        # verify checks that ExecStart's program exists: point it at the rendered script.
+        # verify checks that ExecStart's program exists, and infra.validators only stubs the
+        # programs it knows (NODE_PROGRAMS): point ExecStart at the rendered script instead.
         HostFile(f.path, f.content.replace(model_storage.CACHE_SCRIPT, str(script)))
         for f in plan.files
         if f.path.startswith("/etc/systemd/system/")

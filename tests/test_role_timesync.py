@@ -42,11 +42,11 @@ def _directives(text: str) -> list[str]:
 def systemd_verify(files: list[HostFile], *units: str) -> None:
     """`systemd-analyze verify` with the files as the first unit directory; stderr = failure.
 
-    infra.validators.check_systemd_units verifies with `--root` and symlinks the host's /usr
-    into that root; on this build machine systemd resolves absolute links inside the root and
-    loops ("Too many levels of symbolic links") for every unit. Putting the files first on
-    SYSTEMD_UNIT_PATH (trailing ':' keeps the default directories) also picks up drop-ins,
-    and the host's binaries resolve as themselves.
+    For what infra.validators.check_systemd_units cannot take: a drop-in (it verifies every
+    file it gets as a unit) and a unit whose ExecStart is a program the role itself writes.
+    Putting the files first on SYSTEMD_UNIT_PATH (a trailing ':' keeps the default
+    directories) verifies the named units with the drop-ins applied, against this machine's
+    own units and programs (Debian's chrony.service and /usr/sbin/chronyd here).
     """
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
