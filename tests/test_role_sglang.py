@@ -4,6 +4,8 @@ and the engine-container fact that turns a hand-started container into drift."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
 import subprocess
 import sys
@@ -349,3 +351,94 @@ def test_air_gapped_image_tarball_name() -> None:
     command = sglang.pull_or_load(image)
     assert f"{sglang.IMAGE_CACHE}/lmsysorg_sglang_v0.5" in command
     assert f"docker pull {image}" in command
+
+
+# --- the real pyinfra CLI, with its fake connector: the order commands run in -------------------
+
+_INVENTORY = """
+import json
+_running = json.dumps({{"Name": "/x", "Image": "sha256:1", "State": {{"Running": {running}}},
+    "Config": {{"Image": "img", "Entrypoint": ["/bin/sh"], "Cmd": ["x"]}}, "HostConfig": {{}}}})
+_data = {{"fake_delay": 0, "fake_delay_jitter": 0,
+          "fake_responses": {{"docker inspect --type container": _running}}}}
+hosts = [(f"@fake/{{n}}", dict(_data)) for n in ("lb-01", "gpu-01", "gpu-02", "gpu-03")]
+"""
+_DEPLOY = """
+import os
+from pyinfra import host
+from infra.spec import load_spec
+from roles import sglang
+
+_spec = load_spec(os.environ["SPEC"])
+_node = _spec.node(host.name.split("/")[-1])
+if sglang.plan(_spec, _node) is not None:
+    sglang.apply(spec=_spec, node=_node)
+"""
+_ROLLING = (sglang.HAPROXY_SCRIPT, "systemctl restart sglang", sglang.READY_SCRIPT)
+
+
+def _run_fake_deploy(tmp_path: Path, running: bool) -> list[tuple[str, str]]:
+    (tmp_path / "inv.py").write_text(_INVENTORY.format(running=running))
+    (tmp_path / "deploy.py").write_text(_DEPLOY)
+    project = HOSTS.parent
+    env = {
+        **os.environ,
+        "SPEC": str(HOSTS / "example-baremetal.yaml"),
+        "DEEPFLEET_API_KEY": SENTINEL,
+        "PYTHONPATH": str(project),
+        "PYINFRA_FAKE_DELAY": "0",
+        "PYINFRA_PROGRESS": "off",
+    }
+    pyinfra = Path(sys.executable).parent / "pyinfra"
+    result = subprocess.run(
+        [str(pyinfra), "-y", "-vv", str(tmp_path / "inv.py"), str(tmp_path / "deploy.py")],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
+    assert SENTINEL not in text  # the key is uploaded, never printed
+    commands = re.findall(r"^\[@fake/([\w-]+)\]\s+>>> (.*)$", text, re.M)
+    return [(h, c) for h, c in commands if c.startswith(_ROLLING)]
+
+
+@pytest.mark.slow
+def test_pyinfra_runs_one_replica_at_a_time_across_hosts(tmp_path: Path) -> None:
+    """Running engines whose unit changed: the LB drains, the ranks restart, rank 0 is waited
+    for, the LB puts it back, and only then does the next replica start."""
+    commands = _run_fake_deploy(tmp_path, running=True)
+    restarts = sorted(commands[1:3])
+    assert restarts == [
+        ("gpu-01", "systemctl restart sglang-r1-r1-rank0.service"),
+        ("gpu-02", "systemctl restart sglang-r1-r1-rank1.service"),
+    ]
+    assert [commands[0], *restarts, *commands[3:]] == [
+        ("lb-01", f"{sglang.HAPROXY_SCRIPT} drain chat/r1-r1 300"),
+        ("gpu-01", "systemctl restart sglang-r1-r1-rank0.service"),
+        ("gpu-02", "systemctl restart sglang-r1-r1-rank1.service"),
+        (
+            "gpu-01",
+            f"{sglang.READY_SCRIPT} http://127.0.0.1:30000/health_generate 4080 sglang-r1-r1-rank0.service",
+        ),
+        ("lb-01", f"{sglang.HAPROXY_SCRIPT} ready chat/r1-r1"),
+        ("lb-01", f"{sglang.HAPROXY_SCRIPT} drain chat/qwen-32b-r1 300"),
+        ("gpu-03", "systemctl restart sglang-qwen-32b-r1.service"),
+        (
+            "gpu-03",
+            f"{sglang.READY_SCRIPT} http://127.0.0.1:30000/health_generate 3600 sglang-qwen-32b-r1.service",
+        ),
+        ("lb-01", f"{sglang.HAPROXY_SCRIPT} ready chat/qwen-32b-r1"),
+    ]
+
+
+@pytest.mark.slow
+def test_pyinfra_first_deploy_starts_everything_and_waits_without_draining(tmp_path: Path) -> None:
+    commands = _run_fake_deploy(tmp_path, running=False)
+    assert [c for _, c in commands] == [
+        f"{sglang.READY_SCRIPT} http://127.0.0.1:30000/health_generate 4080 sglang-r1-r1-rank0.service",
+        f"{sglang.READY_SCRIPT} http://127.0.0.1:30000/health_generate 3600 sglang-qwen-32b-r1.service",
+    ]
