@@ -20,8 +20,9 @@ def parse_docker_info(lines: list[str]) -> dict[str, Any] | None:
         raise FactProcessError(f"docker info did not print JSON: {text[:200]}") from error
     if not isinstance(info, dict):
         raise FactProcessError(f"docker info printed {type(info).__name__}, not an object")
-    # A CLI without a daemon prints an object with ServerErrors and no server fields.
-    if info.get("ServerErrors") and not info.get("ServerVersion"):
+    # A CLI without a daemon still prints an object: empty server fields (ServerVersion ""),
+    # the error on stderr or, with some versions, in ServerErrors.
+    if not info.get("ServerVersion"):
         return None
     return info
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from pyinfra.facts.deb import DebPackages
 
 from facts.docker import parse_docker_info, problems, runtimes
 from facts.nvidia import parse_kernel_module, parse_nvidia_smi, reboot_pending
@@ -349,3 +350,32 @@ def test_harness_names_a_missing_fact(tmp_path: Path) -> None:
     )
     with pytest.raises(MissingFact, match=r"incomplete: no value for fact deb\.DebPackages\(\)"):
         run_case(case, nvidia_driver)
+
+
+def test_real_h100_capture() -> None:
+    """nvidia-smi and the module fact, run unchanged on an H100 machine (see fixtures README)."""
+    state = parse_nvidia_smi(lines("nvidia-smi-h100-device.txt"))
+    assert state == {
+        "gpus": [
+            {
+                "index": 0,
+                "name": "NVIDIA H100 80GB HBM3",
+                "driver_version": "580.159.04",
+                "persistence_mode": True,
+                "memory_total_mib": 81559,
+                "ecc_uncorrected": 0,
+            }
+        ],
+        "error": None,
+    }
+    module = parse_kernel_module(lines("kernel-module-container.txt"))
+    assert module == {"loaded": "580.159.04", "installed": None}
+    assert not reboot_pending(module)  # nothing on disk to load: no reboot to ask for
+
+
+def test_real_cuda_container_packages_are_not_stale() -> None:
+    installed = DebPackages().process(lines("dpkg-cuda-container.txt"))
+    assert "cuda-compat-13-0" in installed
+    # No driver packages of another branch: the host CUDA packages stay.
+    assert nvidia_driver.stale_packages(installed, 580) == []
+    assert nvidia_driver.stale_packages(installed, 570) == []
