@@ -374,7 +374,7 @@ def test_real_h100_capture() -> None:
 
 
 def test_real_cuda_container_packages_are_not_stale() -> None:
-    installed = DebPackages().process(lines("dpkg-cuda-container.txt"))
+    installed = DebPackages().process(lines("dpkg-cuda-container.txt"))  # type: ignore[no-untyped-call]
     assert "cuda-compat-13-0" in installed
     # No driver packages of another branch: the host CUDA packages stay.
     assert nvidia_driver.stale_packages(installed, 580) == []
