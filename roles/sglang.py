@@ -39,7 +39,13 @@ from facts.engine import DockerImage, EngineContainer, container_differences, ex
 from infra.errors import Problem, UserError
 from infra.inventory import PROJECT_DIR
 from infra.render import HostFile, RolePlan, render
-from infra.sglang import API_KEY_VARIABLE, EngineLaunch, dist_timeout_s, launches_for_node
+from infra.sglang import (
+    API_KEY_VARIABLE,
+    EngineLaunch,
+    dist_timeout_s,
+    env_file_path,
+    launches_for_node,
+)
 from infra.spec import ClusterSpec, Deployment, Node, SecretRef
 from roles._files import put_file
 
@@ -359,15 +365,11 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
         )
     for dep_name in sorted({launch.deployment for launch in launches}):
         dep = deployment(spec, dep_name)
-        env_file = next(x.env_file for x in launches if x.deployment == dep_name)
         if dep.api_key is None:
-            role.files.append(
-                HostFile(env_file, render("sglang/deployment.env.j2", deployment=dep.name), "600")
-            )
-            role.summary.append(f"{env_file} (600): no API key (the spec sets none)")
+            role.summary.append(f"{dep.name}: no API key in the spec (no env file)")
         else:
             role.summary.append(
-                f"{env_file} (600): {API_KEY_VARIABLE}={secret_placeholder(dep.api_key)}, "
+                f"{env_file_path(dep)} (600): {API_KEY_VARIABLE}={secret_placeholder(dep.api_key)}, "
                 "written at apply time, never planned"
             )
         if "@sha256:" not in dep.image and not spec.is_lab:
@@ -401,7 +403,7 @@ _STARTED: dict[ReplicaKey, list[OperationMeta]] = {}
 
 
 def _key(dep: str, replica: int) -> ReplicaKey:
-    return (id(ctx_state.get()), dep, replica)
+    return (id(ctx_state.get()), dep, replica)  # type: ignore[no-untyped-call]
 
 
 def _did_change(ops: Sequence[OperationMeta]) -> bool:
@@ -471,26 +473,26 @@ def _install_engines(spec: ClusterSpec, node: Node, role: RolePlan) -> None:
     image_ops = _install_image(spec, launches)
     put_file(next(f for f in role.files if f.path == READY_SCRIPT), ROLE)
 
-    env_ops: dict[str, OperationMeta] = {}
+    env_ops: dict[str, list[OperationMeta]] = {}
     for launch in launches:
-        if launch.deployment in env_ops:
-            continue
         dep = deployment(spec, launch.deployment)
-        if dep.api_key is None:
-            planned = next(f for f in role.files if f.path == launch.env_file)
-            env_ops[dep.name] = put_file(planned, ROLE)
-        else:
+        if dep.name in env_ops:
+            continue
+        env_ops[dep.name] = []
+        if dep.api_key is not None:
             files.directory(
                 name=f"[{ROLE}] Create /etc/deepfleet", path="/etc/deepfleet", mode="755"
             )
-            env_ops[dep.name] = put_secret(
-                role=ROLE,
-                path=launch.env_file,
-                ref=dep.api_key,
-                content=lambda value: (
-                    "# Managed by deepfleet (role sglang) at deploy time from the spec's SecretRef.\n"
-                    + env_line(API_KEY_VARIABLE, value)
-                ),
+            env_ops[dep.name].append(
+                put_secret(
+                    role=ROLE,
+                    path=env_file_path(dep),
+                    ref=dep.api_key,
+                    content=lambda value: (
+                        "# Managed by deepfleet (role sglang) at deploy time from the spec's "
+                        "SecretRef.\n" + env_line(API_KEY_VARIABLE, value)
+                    ),
+                )
             )
 
     unit_ops = {
@@ -521,7 +523,7 @@ def _install_engines(spec: ClusterSpec, node: Node, role: RolePlan) -> None:
         if running is not None and running.running:
             # A running engine restarts, in turn, when anything it runs from changed.
             _CHANGES.setdefault(key, []).extend(
-                [unit_ops[launch.unit_name], env_ops[launch.deployment], *image_ops]
+                [unit_ops[launch.unit_name], *env_ops[launch.deployment], *image_ops]
             )
         # A stopped engine just starts (nothing to drain); rolling waits for it to serve.
         start = systemd.service(
@@ -541,7 +543,7 @@ def _step(name: str, commands: list[str], condition: Callable[[], bool] | None) 
 
 
 def _rolling_restart(spec: ClusterSpec, node: Node) -> None:
-    for step in host.loop(rolling_restart_plan(spec)):
+    for step in host.loop(rolling_restart_plan(spec)):  # type: ignore[no-untyped-call]
         commands = step.commands.get(node.name, [])
         dep, number = step.deployment, step.replica
         forced = _FORCED.get(_key(dep, number), [])
