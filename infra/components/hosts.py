@@ -156,7 +156,9 @@ class GpuNodePool(pulumi.ComponentResource):
                         interface_type="efa",
                         subnet_id=args.subnet_id,
                         security_groups=[sg],
-                        associate_public_ip_address="false",
+                        # EC2 refuses the flag (even "false") on a launch with several
+                        # interfaces, and never gives those a public address anyway.
+                        associate_public_ip_address="false" if cards == 1 else None,
                         delete_on_termination="true",
                     )
                     for card in range(cards)
