@@ -36,5 +36,5 @@ cluster = Cluster(
     ),
 )
 
-for key, value in cluster.outputs.items():
+for key, value in cluster.stack_outputs.items():
     pulumi.export(key, value)

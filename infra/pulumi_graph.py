@@ -190,8 +190,12 @@ def resource_graph(spec: ClusterSpec, maas_url: str | None = None) -> list[Resou
     """Every resource `pulumi up` would create for `spec`, parents before children.
 
     The baremetal bootstrap is listed as if its secret key and a deploy public key were set;
-    MAAS re-imaging only when `maas_url` is given (as `deepfleet:maasUrl` would)."""
+    MAAS re-imaging only when `maas_url` is given (as `deepfleet:maasUrl` would). A lab spec has
+    no Pulumi stack (`deepfleet lab up` makes its nodes): its graph is empty."""
     from infra.components import Cluster, ClusterArgs
+
+    if spec.provider.kind == "lab":
+        return []
 
     def program() -> None:
         Cluster(
@@ -206,3 +210,14 @@ def resource_graph(spec: ClusterSpec, maas_url: str | None = None) -> list[Resou
         )
 
     return _tree_order(run_offline(program).resources)
+
+
+def render_tree(rows: Sequence[ResourceRow]) -> list[str]:
+    """One line per resource, indented under its parent: `name (type)`."""
+    depth: dict[str, int] = {}
+    lines: list[str] = []
+    for row in rows:
+        level = 0 if row.parent is None else depth.get(row.parent, -1) + 1
+        depth[row.name] = level
+        lines.append(f"{'  ' * level}{row.name} ({row.type})")
+    return lines

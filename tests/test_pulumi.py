@@ -39,7 +39,7 @@ from infra.components import (  # noqa: E402
     GpuNodePool,
     GpuNodePoolArgs,
 )
-from infra.pulumi_graph import resource_graph  # noqa: E402
+from infra.pulumi_graph import render_tree, resource_graph  # noqa: E402
 from infra.spec import ClusterSpec, load_spec  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -848,3 +848,11 @@ def test_policy_catches_its_breach(
     rec: Recording = request.getfixturevalue(stack)
     assert list(POLICIES[policy](rec)) == [], "the unbroken stack passes"
     assert list(POLICIES[policy](breach(rec))) != [], "the broken stack fails"
+
+
+def test_lab_specs_have_no_stack_and_trees_indent() -> None:
+    assert resource_graph(load_spec(PROJECT / "hosts/lab.yaml")) == []
+    lines = render_tree(resource_graph(load_spec(PROJECT / BAREMETAL_SPEC)))
+    assert lines[0] == "example-baremetal (deepfleet:infra:Cluster)"
+    assert lines[1] == "  example-baremetal-gpu-01 (deepfleet:infra:BareMetalHost)"
+    assert lines[2] == "    example-baremetal-gpu-01-deploy-key (command:remote:Command)"

@@ -62,6 +62,8 @@ class Cluster(pulumi.ComponentResource):
     lb_endpoint: pulumi.Output[str] | None
     storage_mount_targets: pulumi.Output[dict[str, str]]
     extra_outputs: dict[str, pulumi.Input[object]]
+    # What `__main__.py` exports: the keys above plus lb_endpoint and the AWS ids.
+    stack_outputs: dict[str, pulumi.Input[object]]
 
     def __init__(
         self, name: str, args: ClusterArgs, opts: pulumi.ResourceOptions | None = None
@@ -89,7 +91,7 @@ class Cluster(pulumi.ComponentResource):
         }
         if self.lb_endpoint is not None:
             outputs["lb_endpoint"] = self.lb_endpoint
-        self.outputs = outputs
+        self.stack_outputs = outputs
         self.register_outputs(outputs)
 
     def _build_aws(self, name: str, spec: ClusterSpec, aws_: AwsProvider) -> None:
@@ -228,7 +230,7 @@ class Cluster(pulumi.ComponentResource):
         if args.ssh_private_key is None:
             raise ValueError(
                 "the baremetal backend needs the bootstrap SSH key: "
-                "pulumi config set --secret deepfleet:sshPrivateKey < ~/.ssh/<key>"
+                "cat ~/.ssh/<key> | pulumi config set --secret deepfleet:sshPrivateKey"
             )
         maas_key = args.maas_api_key
         if args.maas_url and maas_key is None:
