@@ -672,6 +672,14 @@ def _model_checks(exp: NodeExpectations, sections: Sections) -> list[Check]:
         section = sections.get(f"model:{model.name}")
         lines = section.lines if section else []
         prefix = f"model.{model.name}"
+        if section is not None and "missing-dir" in lines and exp.lab:
+            checks.append(
+                _na(
+                    f"{prefix}.files",
+                    f"lab: {model.path} absent; the stand-in needs no weights",
+                )
+            )
+            continue
         if section is None or "missing-dir" in lines:
             checks.append(
                 _check(

@@ -346,3 +346,17 @@ def test_lab_serving_endpoint_is_the_load_balancer() -> None:
     endpoint = check.serving_endpoint(LAB)
     assert endpoint is not None
     assert endpoint.url == "http://10.77.0.10:8000" and endpoint.model == "r1-distill-qwen-7b"
+
+
+def test_lab_model_directory_may_be_absent_but_not_in_production() -> None:
+    lab = check.expectations(LAB, LAB.node("gpu-02"))
+    sections = dict(_sections("lab-gpu-01.txt"))
+    sections["model:r1-distill-qwen-7b"] = check.Section(
+        "model:r1-distill-qwen-7b", 3, "missing-dir"
+    )
+    verdict = check.evaluate_node(lab, sections)
+    assert verdict.check("model.r1-distill-qwen-7b.files").status is Status.NOT_APPLICABLE
+    production = dict(_sections("healthy-hgx.txt"))
+    production["model:deepseek-r1"] = check.Section("model:deepseek-r1", 3, "missing-dir")
+    failed = _failed(check.evaluate_node(GPU_01, production))
+    assert "/data/models/deepseek-r1 does not exist" in failed["model.deepseek-r1.files"]
