@@ -85,7 +85,8 @@ def nccl_ib_env(node: Node, gids: Sequence[Gid] | None = None) -> dict[str, str]
     """
     if not node.rdma:
         return {}
-    env = {"NCCL_IB_HCA": ",".join(f"{d.device}:{d.port}" for d in node.rdma)}
+    # "=" makes NCCL match the names exactly (mlx5_1 would otherwise also pick mlx5_10..).
+    env = {"NCCL_IB_HCA": "=" + ",".join(f"{d.device}:{d.port}" for d in node.rdma)}
     roce = [d for d in node.rdma if d.link_layer == "ethernet"]
     if not roce:
         return env

@@ -200,7 +200,7 @@ def test_roce_gid_index_for_nccl() -> None:
 def test_nccl_ib_env_for_the_serving_role() -> None:
     node = load_spec(BAREMETAL).node("gpu-01")
     offline = mellanox.nccl_ib_env(node)
-    assert offline == {"NCCL_IB_HCA": "mlx5_0:1,mlx5_1:1", "NCCL_IB_GID_INDEX": "3"}
+    assert offline == {"NCCL_IB_HCA": "=mlx5_0:1,mlx5_1:1", "NCCL_IB_GID_INDEX": "3"}
     assert mellanox.nccl_ib_env(node, parse_gids(lines("gids-hgx.txt"))) == offline
     with pytest.raises(ValueError, match="no RoCE v2 IPv4 GID on mlx5_0, mlx5_1"):
         mellanox.nccl_ib_env(node, parse_gids(lines("gids-no-address.txt")))
