@@ -156,17 +156,20 @@ def exec_line(args: Sequence[str]) -> str:
 
 
 def lab_container_args(args: Sequence[str]) -> list[str]:
-    """The lab has no NVIDIA runtime: `docker run --gpus` would fail, so it is left out."""
+    """The lab's docker run: no `--gpus` (no NVIDIA runtime: docker run would fail) and no
+    `--ulimit memlock=-1` (lab nodes lack CAP_SYS_RESOURCE; their memlock hard limit is 8 MiB,
+    which a container cannot raise). Everything else is production's line."""
     out: list[str] = []
     skip = False
     for i, arg in enumerate(args):
         if skip:
             skip = False
             continue
-        if arg == "--gpus" and i + 1 < len(args):
+        value = args[i + 1] if i + 1 < len(args) else ""
+        if arg == "--gpus" or (arg == "--ulimit" and value.startswith("memlock=")):
             skip = True
             continue
-        if arg.startswith("--gpus="):
+        if arg.startswith(("--gpus=", "--ulimit=memlock=")):
             continue
         out.append(arg)
     return out
@@ -378,7 +381,8 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
         role.summary.append(
             "lab: image = the SGLang stand-in archive (built on the controller by "
             "build_standin_image, uploaded to "
-            f"{IMAGE_CACHE}, docker load); no --gpus all (no NVIDIA runtime in the lab)"
+            f"{IMAGE_CACHE}, docker load); no --gpus all (no NVIDIA runtime) and no "
+            "--ulimit memlock=-1 (no CAP_SYS_RESOURCE) in the lab"
         )
     else:
         role.summary.append(

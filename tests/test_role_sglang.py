@@ -137,13 +137,14 @@ def test_exec_start_is_the_builders_docker_run(spec_path: Path) -> None:
 
 def test_lab_units_drop_gpus_and_production_keeps_them() -> None:
     for unit in _units(LAB):
-        assert "--gpus" not in unit.content
+        assert "--gpus" not in unit.content and "memlock" not in unit.content
+        assert "--ulimit stack=67108864" in unit.content
         assert "deepfleet/sglang-standin:0.1.0" in unit.content
     assert sglang.lab_container_args(["docker", "run", "--gpus", "all", "img"]) == [
         "docker", "run", "img",
     ]  # fmt: skip
     for unit in _units(BAREMETAL):
-        assert "--gpus all" in unit.content
+        assert "--gpus all" in unit.content and "--ulimit memlock=-1" in unit.content
     summary = " ".join(sglang.plan(LAB, LAB.node("gpu-01")).summary)  # type: ignore[union-attr]
     assert "no --gpus all" in summary and "stand-in" in summary
 
