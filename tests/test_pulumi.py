@@ -608,7 +608,7 @@ def test_bootstrap_key_is_sent_as_a_secret_even_when_given_plain() -> None:
     assert all("sudo" not in r.inputs["create"] for r in rec.of_type(COMMAND))  # root
 
 
-@pulumi.runtime.test
+@pulumi.runtime.test  # type: ignore[untyped-decorator]
 def test_gpu_pool_outputs_place_a_replica_together() -> pulumi.Output[None]:
     """Component outputs, read the SDK's way: a 2-node replica shares its placement group and
     neither instance asks for a public address."""
@@ -631,22 +631,17 @@ def test_gpu_pool_outputs_place_a_replica_together() -> pulumi.Output[None]:
     instances = [pool.hosts[n].instance for n in ("gpu-01", "gpu-02", "gpu-03")]
 
     def check(values: list[Any]) -> None:
-        groups, public, subnets = values[0:3], values[3:6], values[6:9]
-        assert groups[0] == groups[1] == pool_name[0]
-        assert groups[2] is None, "a single-node replica is not placed"
+        group, placed, public, subnets = values[0], values[1:4], values[4:7], values[7:10]
+        assert placed == [group, group, None], "the replica shares one group; gpu-03 has none"
         assert public == [False, False, False]
         assert subnets == ["subnet-private"] * 3
 
-    pool_name: list[str] = []
     return pulumi.Output.all(
-        pool.placement_groups["r1-r0"].name.apply(lambda n: pool_name.append(n) or n),
-    ).apply(
-        lambda _: pulumi.Output.all(
-            *[i.placement_group for i in instances],
-            *[i.associate_public_ip_address for i in instances],
-            *[i.subnet_id for i in instances],
-        ).apply(check)
-    )
+        pool.placement_groups["r1-r0"].name,
+        *[i.placement_group for i in instances],
+        *[i.associate_public_ip_address for i in instances],
+        *[i.subnet_id for i in instances],
+    ).apply(check)
 
 
 def test_bootstrap_commands_do_what_pyinfra_needs(baremetal: Recording) -> None:
