@@ -387,3 +387,13 @@ def test_shared_validators_accept_the_lab_load_balancer() -> None:
     role = lb.plan(spec, spec.node("lb-01"))
     assert role is not None
     assert f"check_haproxy:{lb.HAPROXY_CFG}" in check_host_files(role.files)
+
+
+@pytest.mark.slow
+def test_live_show_lists_servers(live: dict[str, object]) -> None:
+    shown = subprocess.run(
+        [sys.executable, str(live["script"]), "show"], capture_output=True, text=True
+    )
+    assert shown.returncode == 0
+    assert "chat/chat-r1 UP weight=100" in shown.stdout
+    assert "chat/chat-r2 UP weight=100" in shown.stdout
