@@ -346,6 +346,17 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
             f"{HAPROXY_ENV} (600): {KEY_VARIABLE}={secret_placeholder(lb.api_key)}, "
             "written at apply time, never planned"
         )
+    different = [
+        d.name
+        for d in spec.deployments
+        if d.api_key is not None and lb.api_key is not None and d.api_key != lb.api_key
+    ]
+    if different and lb.router == "haproxy":
+        role.summary.append(
+            "WARNING: HAProxy forwards the client's Authorization header unchanged, and "
+            f"{', '.join(different)} expect(s) another key than load_balancer.api_key: "
+            "use the same SecretRef for both"
+        )
     if lb.tls is not None:
         role.summary.append(
             f"{TLS_PEM} (600): {secret_placeholder(lb.tls.certificate)}, written at apply time"
