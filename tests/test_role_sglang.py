@@ -443,3 +443,20 @@ def test_pyinfra_first_deploy_starts_everything_and_waits_without_draining(tmp_p
         f"{sglang.READY_SCRIPT} http://127.0.0.1:30000/health_generate 4080 sglang-r1-r1-rank0.service",
         f"{sglang.READY_SCRIPT} http://127.0.0.1:30000/health_generate 3600 sglang-qwen-32b-r1.service",
     ]
+
+
+@pytest.mark.validators
+@pytest.mark.parametrize("spec_path", EXAMPLE_SPECS, ids=lambda p: p.stem)
+def test_shared_validators_accept_the_serving_roles(spec_path: Path) -> None:
+    from infra.validators import check_host_files
+
+    spec = load_spec(spec_path)
+    for node_plan in plan_cluster(spec):
+        serving = [
+            f
+            for role in node_plan.roles
+            if role.role in ("sglang", "load_balancer", "nat")
+            for f in role.files
+        ]
+        if any(f.path.endswith((".service", ".cfg", ".nft")) for f in serving):
+            assert check_host_files(serving)
