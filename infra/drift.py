@@ -99,14 +99,40 @@ def run_dry(spec_path: str, limit: list[str] | None = None) -> tuple[dict[str, A
     return payload, result.stderr
 
 
+def _short(name: str) -> str:
+    # pyinfra prefixes operations inside a @deploy with the deploy's name: "timesync | [...] ..."
+    return name.split(" | ", 1)[-1]
+
+
+def _name_for_host(operation: dict[str, Any], tokens: set[str]) -> str:
+    """pyinfra merges the same call site across hosts into one operation whose `names` holds
+    every host's name (e.g. one engine unit per node); pick the one about this host."""
+    names = [_short(n) for n in operation.get("names") or [operation["name"]]]
+    if len(names) == 1:
+        return names[0]
+    mine = [n for n in names if any(token in n for token in tokens)]
+    return mine[0] if len(mine) == 1 else " / ".join(names)
+
+
+def _host_tokens(spec: ClusterSpec) -> dict[str, set[str]]:
+    """What identifies a host's own operations: its planned file paths and unit names."""
+    tokens: dict[str, set[str]] = {}
+    for node_plan in plan_cluster(spec):
+        paths = {f.path for role in node_plan.roles for f in role.files}
+        units = {Path(p).stem for p in paths if p.startswith("/etc/systemd/system/")}
+        tokens[node_plan.node.name] = paths | {u for u in units if u}
+    return tokens
+
+
 def analyse(spec: ClusterSpec, payload: dict[str, Any], log: str) -> DriftReport:
     hosts = {node.name: HostDrift(node.name) for node in spec.nodes}
+    tokens = _host_tokens(spec)
     conditional: dict[str, list[str]] = {}
     for operation in payload.get("plan", []):
-        name = operation["name"]
         for host in operation.get("hosts_with_change", []):
-            hosts[host].changes.append(name)
+            hosts[host].changes.append(_name_for_host(operation, tokens.get(host, set())))
         for host in operation.get("hosts_with_conditional_change", []):
+            name = _name_for_host(operation, tokens.get(host, set()))
             conditional.setdefault(host, []).append(name)
     for host, names in conditional.items():
         drift = hosts[host]

@@ -252,6 +252,9 @@ def haproxy_drains(spec: ClusterSpec, dep: Deployment) -> bool:
     return lb is not None and lb.router == "haproxy" and dep.disaggregation is None
 
 
+LAB_READY_TIMEOUT_S = 120
+
+
 def rolling_restart_plan(spec: ClusterSpec) -> list[RollingStep]:
     """Every replica of every deployment, one after the other: drain, restart, wait, ready.
 
@@ -265,7 +268,8 @@ def rolling_restart_plan(spec: ClusterSpec) -> list[RollingStep]:
     launches = [launch for n in spec.nodes for launch in node_launches(spec, n)]
     for dep in spec.deployments:
         model = spec.model(dep.model)
-        ready_timeout = dist_timeout_s(dep, model)
+        # The lab's stand-in loads no weights: waiting an hour for it would only hide a failure.
+        ready_timeout = LAB_READY_TIMEOUT_S if spec.is_lab else dist_timeout_s(dep, model)
         for number, replica in enumerate(dep.replicas, start=1):
             target = f"{backend_name(dep)}/{server_name(dep, number)}"
             units = {

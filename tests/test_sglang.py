@@ -286,7 +286,7 @@ def test_two_node_tp16_r1_both_ranks(baremetal: ClusterSpec) -> None:
         *("-e", "GLOO_SOCKET_IFNAME=bond1.12", "-e", "NCCL_DEBUG=WARN"),
         *("-e", "NCCL_IB_GID_INDEX=3", "-e", "NCCL_IB_HCA==mlx5_0:1,mlx5_1:1"),
         *("-e", "NCCL_SOCKET_IFNAME=bond1.12", "--entrypoint", "/bin/sh"),
-        "lmsysorg/sglang:v0.5.3-cu129@sha256:"
+        "lmsysorg/sglang:v0.5.23-cu129@sha256:"
         "0c1e4d9b7f5a0ef31e4bd8f8a1b3c5d2e6f7a8b9c0d1e2f3a4b5c6d7e8f90123",
         "-c",
         rank1.container_args[-1],

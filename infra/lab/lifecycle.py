@@ -156,6 +156,8 @@ def _up(
 ) -> UpReport:
     public_key = ensure_ssh_key(paths)
     ensure_api_key(paths)
+    for model_path in plan.model_paths:
+        node.write_placeholder_model(Path(plan.models_dir) / model_path)
     say("rootfs: checking the cache")
     report = UpReport(rootfs=ensure_rootfs(paths.cache_root))
     say(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -135,6 +136,16 @@ def prepare_root(plan: LabPlan, node: LabNode, paths: LabPaths, public_key: str)
             target.write_text(text)
     (etc / "apt/apt.conf.d/01deepfleet-lab-proxy").write_text(apt_proxy_conf(plan))
     Path(plan.models_dir).mkdir(parents=True, exist_ok=True)
+
+
+def write_placeholder_model(directory: Path) -> None:
+    """A model directory without weights, with a valid checksum manifest (SHA256SUMS)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    placeholder = directory / "LAB-PLACEHOLDER.txt"
+    content = b"deepfleet lab: no weights here; the stand-in engine needs none.\n"
+    placeholder.write_bytes(content)
+    digest = hashlib.sha256(content).hexdigest()
+    (directory / "SHA256SUMS").write_text(f"{digest}  {placeholder.name}\n")
 
 
 def spawn(plan: LabPlan, node: LabNode, paths: LabPaths) -> int:

@@ -98,6 +98,9 @@ class LabPlan:
     nodes: tuple[LabNode, ...]
     lb_port: int = DEFAULT_LB_PORT
     models_mount: str = MODELS_MOUNT
+    # The spec's model directories, relative to the models dir: created with a placeholder
+    # (no weights in the lab) so engines and checksum checks find what production would have.
+    model_paths: tuple[str, ...] = ()
 
     @property
     def host_interface(self) -> IPv4Interface:
@@ -221,6 +224,7 @@ def plan_from_spec(spec: SpecLike, nodes: int | None = None) -> LabPlan:
         ),
         lb_port=int(port) if isinstance(port, int) else DEFAULT_LB_PORT,
         models_mount=_models_mount(spec),
+        model_paths=tuple(str(getattr(m, "path", "")) for m in getattr(spec, "models", None) or ()),
     )
 
 
