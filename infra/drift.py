@@ -120,7 +120,7 @@ def _host_tokens(spec: ClusterSpec) -> dict[str, set[str]]:
     for node_plan in plan_cluster(spec):
         paths = {f.path for role in node_plan.roles for f in role.files}
         units = {Path(p).stem for p in paths if p.startswith("/etc/systemd/system/")}
-        tokens[node_plan.node.name] = paths | {u for u in units if u}
+        tokens[node_plan.node.name] = paths | {u for u in units if u} | {f"{node_plan.node.name}:"}
     return tokens
 
 
@@ -206,6 +206,10 @@ def drift(spec: ClusterSpec, spec_path: str, limit: list[str] | None = None) -> 
     return report
 
 
+def _brief(operation: str, limit: int = 90) -> str:
+    return operation if len(operation) <= limit else operation[: limit - 1] + "…"
+
+
 def to_markdown(report: DriftReport) -> str:
     lines = [f"## Drift report: `{report.spec}`", ""]
     if report.unreachable:
@@ -221,7 +225,8 @@ def to_markdown(report: DriftReport) -> str:
         if host.follow_ups:
             lines += ["", "Follow-ups these changes would trigger:"]
             for follow_up, triggers in host.follow_ups.items():
-                lines.append(f"- {follow_up} (after: {'; '.join(triggers)})")
+                after = "; ".join(_brief(t) for t in triggers)
+                lines.append(f"- {_brief(follow_up)} (after: {after})")
         for path, diff in host.file_diffs.items():
             lines += ["", f"<details><summary><code>{path}</code></summary>", "", "```diff"]
             lines += [diff.rstrip("\n"), "```", "</details>"]
