@@ -70,14 +70,27 @@ install_python() {
 run_lab() {
   export DEEPFLEET_SPEC=hosts/lab.yaml
   local started=$SECONDS
-  log "bringing the lab up ($DEEPFLEET_SPEC)"
+  log "validating $DEEPFLEET_SPEC"
+  .venv/bin/deepfleet validate "$DEEPFLEET_SPEC"
+  log "bringing the lab up"
   .venv/bin/deepfleet lab up --spec "$DEEPFLEET_SPEC"
   log "deploying every role: pyinfra inventory.py deploy.py"
   .venv/bin/pyinfra -y inventory.py deploy.py
   log "deploying again: nothing may change"
-  .venv/bin/deepfleet lab converged --spec "$DEEPFLEET_SPEC"
+  .venv/bin/pyinfra -y --json inventory.py deploy.py 2>/dev/null \
+    | .venv/bin/python -m infra.deploy_results --expect-no-change
+  log "drift check: the lab must match the repository"
+  .venv/bin/deepfleet drift "$DEEPFLEET_SPEC"
+  log "one chat completion through the load balancer"
+  .venv/bin/deepfleet lab chat --spec "$DEEPFLEET_SPEC" "Hello, lab"
   .venv/bin/deepfleet lab status --spec "$DEEPFLEET_SPEC"
-  log "done in $((SECONDS - started)) s. Reach a node: .venv/bin/deepfleet lab ssh gpu-01; tear down: .venv/bin/deepfleet lab down"
+  log "done in $((SECONDS - started)) s"
+  cat <<EOT
+  reach a node:   .venv/bin/deepfleet lab ssh gpu-01
+  call the API:   curl -H "Authorization: Bearer \$(cat .lab/secrets/api-key)" http://10.77.0.10:8000/v1/models
+  prometheus:     http://10.77.0.20:9090 (from this machine)
+  tear it down:   .venv/bin/deepfleet lab down
+EOT
 }
 
 run_tests() {

@@ -6,12 +6,14 @@ import argparse
 import contextlib
 import json
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from infra.errors import UserError
+from infra.errors import Problem, UserError
 from infra.lab import LabPaths, LabPlan, down, load_state, plan_from_spec, ssh_argv, status, up
 
 DEFAULT_SPEC = "hosts/lab.yaml"
@@ -45,6 +47,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     shell.add_argument("node", metavar="NODE")
     shell.add_argument("remote", nargs=argparse.REMAINDER, metavar="-- COMMAND")
     shell.set_defaults(func=run_ssh)
+
+    talk = actions.add_parser("chat", help="send one chat request through the lab's load balancer")
+    talk.add_argument("--spec", default=DEFAULT_SPEC, help="used when no lab is recorded")
+    talk.add_argument("message", nargs="?", default="Hello from deepfleet")
+    talk.set_defaults(func=run_chat)
 
     stop = actions.add_parser("down", help="remove every node, mount, link and process")
     stop.add_argument("--spec", default=DEFAULT_SPEC, help="names the bridge to remove too")
@@ -129,6 +136,42 @@ def run_status(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(f"endpoint: {document['endpoint'] or '(no lb node)'}")
     console.print(f"ssh key:  {document['ssh_key']}   api key: {paths.api_key}")
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    """One OpenAI-style chat completion through the load balancer, as a client would send it."""
+    paths = LabPaths()
+    plan = _recorded_or_spec(paths, args.spec)
+    endpoint = status_document(plan, paths)["endpoint"]
+    if not endpoint:
+        raise UserError("the lab has no load balancer node", [])
+    from infra.spec import load_spec
+
+    spec = load_spec(args.spec)
+    model = spec.deployments[0].model if spec.deployments else "default"
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": args.message}]}
+    ).encode()
+    request = urllib.request.Request(
+        f"{endpoint}/v1/chat/completions",
+        data=body,
+        headers={
+            "Authorization": f"Bearer {paths.api_key.read_text().strip()}",
+            "Content-Type": "application/json",
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+    except (urllib.error.URLError, OSError) as error:
+        raise UserError(
+            f"no answer from {endpoint}",
+            [Problem(str(error), hint="is the lab deployed? `pyinfra inventory.py deploy.py`")],
+        ) from None
+    Console().print(
+        f"POST {endpoint}/v1/chat/completions -> {answer['choices'][0]['message']['content']}"
+    )
     return 0
 
 

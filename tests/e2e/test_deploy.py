@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from infra.deploy_results import changed_operations, parse_results
 from tests.e2e.conftest import LAB_SPEC, PROJECT, Lab
 
 pytestmark = pytest.mark.lab
@@ -51,15 +52,6 @@ def deepfleet(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[s
         timeout=timeout,
         check=False,
     )
-
-
-def changed_operations(result: subprocess.CompletedProcess[str]) -> list[str]:
-    payload = json.loads(result.stdout[result.stdout.index("{") :])
-    return [
-        f"{op['name']} on {', '.join(op['success'])}"
-        for op in payload["results"]["operations"]
-        if op["success"]
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +89,7 @@ def replica_of(text: str) -> str:
 def test_second_deploy_changes_nothing(deployed: Lab) -> None:
     second = pyinfra("-y", "--json")
     assert second.returncode == 0, second.stderr[-3000:]
-    assert changed_operations(second) == []
+    assert changed_operations(parse_results(second.stdout)) == []
 
 
 def test_fresh_lab_shows_no_drift(deployed: Lab) -> None:
