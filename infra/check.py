@@ -974,9 +974,9 @@ def load_check(summary: LoadSummary | None, note: str = "") -> Check:
 
 
 def node_address(spec: ClusterSpec, node: Node) -> str:
-    from infra.inventory import _node_addresses
+    from infra.inventory import node_addresses
 
-    addresses = _node_addresses(spec)
+    addresses = node_addresses(spec)
     if node.name not in addresses:
         raise UserError(
             f"no address for node {node.name}",

@@ -44,12 +44,23 @@ def current_spec() -> ClusterSpec:
         raise SystemExit(2) from None
 
 
-def _node_addresses(spec: ClusterSpec) -> dict[str, str]:
-    addresses = {n.name: str(n.address) for n in spec.nodes if n.address is not None}
+def _saved_outputs() -> dict[str, Any]:
     outputs = os.environ.get(OUTPUTS_VARIABLE)
-    if outputs:
-        saved = json.loads(Path(outputs).read_text(encoding="utf-8"))
-        addresses.update({k: str(v) for k, v in saved.get("node_addresses", {}).items()})
+    if not outputs:
+        return {}
+    try:
+        saved: dict[str, Any] = json.loads(Path(outputs).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        print(f"error: {OUTPUTS_VARIABLE}={outputs}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return saved
+
+
+def node_addresses(spec: ClusterSpec, saved: dict[str, Any] | None = None) -> dict[str, str]:
+    """Every node's address: the spec's, or Pulumi's saved outputs for cloud nodes."""
+    saved = _saved_outputs() if saved is None else saved
+    addresses = {n.name: str(n.address) for n in spec.nodes if n.address is not None}
+    addresses.update({k: str(v) for k, v in saved.get("node_addresses", {}).items()})
     return addresses
 
 
@@ -69,7 +80,14 @@ def connection_data(spec: ClusterSpec, address: str) -> dict[str, Any]:
 
 
 def inventory_groups(spec: ClusterSpec) -> dict[str, list[HostEntry]]:
-    addresses = _node_addresses(spec)
+    saved = _saved_outputs()
+    addresses = node_addresses(spec, saved)
+    # Cloud file systems get their DNS names from Pulumi (roles/model_storage.py reads these).
+    mount_targets = (
+        {"storage_mount_targets": saved["storage_mount_targets"]}
+        if saved.get("storage_mount_targets")
+        else {}
+    )
     missing = [n.name for n in spec.nodes if n.name not in addresses]
     if missing:
         print(
@@ -79,6 +97,9 @@ def inventory_groups(spec: ClusterSpec) -> dict[str, list[HostEntry]]:
         )
         raise SystemExit(2)
     return {
-        group: [(n.name, connection_data(spec, addresses[n.name])) for n in spec.nodes_in(group)]
+        group: [
+            (n.name, {**connection_data(spec, addresses[n.name]), **mount_targets})
+            for n in spec.nodes_in(group)
+        ]
         for group in GROUPS
     }

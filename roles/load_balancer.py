@@ -28,7 +28,7 @@ from pyinfra.operations import apt, files, pip, server, systemd
 
 from facts.engine import DockerImage
 from infra.errors import Problem, UserError
-from infra.inventory import _node_addresses
+from infra.inventory import node_addresses
 from infra.render import HostFile, RolePlan, render
 from infra.sglang import dist_timeout_s
 from infra.spec import ClusterSpec, Deployment, LoadBalancer, Node, SecretRef
@@ -105,7 +105,7 @@ def engine_address(spec: ClusterSpec, node: Node) -> str:
     if node.address is not None:
         return str(node.address)
     # Cloud nodes: the address Pulumi reported (DEEPFLEET_OUTPUTS), else the node's name.
-    return _node_addresses(spec).get(node.name, node.name)
+    return node_addresses(spec).get(node.name, node.name)
 
 
 def management_address(spec: ClusterSpec, node: Node) -> str | None:

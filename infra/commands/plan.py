@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from infra.plan import plan_cluster, write_plan
+from infra.pulumi_graph import render_tree, resource_graph
 from infra.spec import GROUPS, ClusterSpec, load_spec
 from infra.spec_fit import replica_sizing
 
@@ -53,6 +54,11 @@ def run(args: argparse.Namespace) -> int:
 
     for extra in _extra_sections(spec):
         console.print(extra)
+    if spec.provider.kind != "lab":
+        rows = resource_graph(spec)
+        console.print(f"Pulumi stack resources ({len(rows)}, from the program under mocks):")
+        for line in render_tree(rows):
+            console.print(f"  {line}", markup=False, highlight=False)
 
     if args.out:
         written = write_plan(plans, args.out)
