@@ -141,12 +141,13 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
             mode="755",
         ),
     ]
-    role.packages = ["netplan.io"]
+    role.packages = [] if spec.is_lab else ["netplan.io"]
     bonds = ", ".join(f"{b.name}({'+'.join(b.members)} {b.mode})" for b in node.bonds) or "no bonds"
     vlans = ", ".join(f"{v.interface}(vlan {v.id})" for v in node.vlans) or "no VLANs"
     role.summary = [
         f"{NETPLAN_FILE}: {len(node.nics)} NIC families, {bonds}, {vlans}",
-        "lab: render, validate and write only (never applied)"
+        "lab: render, validate (on the controller) and write only; netplan.io is not installed, "
+        "so nothing applies it"
         if spec.is_lab
         else f"apply with automatic rollback after {ROLLBACK_SECONDS} s unless confirmed over a new SSH session",
         "remove other /etc/netplan/*.yaml files",
@@ -159,7 +160,11 @@ def apply(spec: ClusterSpec, node: Node) -> None:
     role = plan(spec, node)
     if role is None:
         return
-    apt.packages(name="[netplan] Install netplan.io", packages=role.packages)
+    if not spec.is_lab:
+        # Not in the lab: netplan's systemd generator would hand the node's veth to
+        # systemd-networkd at the next daemon-reload, i.e. apply the file. The lab checks the
+        # file with `netplan generate` on the controller instead (tests/test_golden.py).
+        apt.packages(name="[netplan] Install netplan.io", packages=role.packages)
     put_file(role.files[1], "netplan")
     if not spec.is_lab and not host.get_fact(Directory, path=f"{STATE_DIR}/confirmed"):
         # Before deepfleet first writes the network config, keep the node's working one as
