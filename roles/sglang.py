@@ -47,6 +47,7 @@ from infra.sglang import (
     launches_for_node,
 )
 from infra.spec import ClusterSpec, Deployment, Node, SecretRef
+from roles import _gate
 from roles._files import put_file
 
 ROLE = "sglang"
@@ -253,6 +254,11 @@ def haproxy_drains(spec: ClusterSpec, dep: Deployment) -> bool:
 
 
 LAB_READY_TIMEOUT_S = 120
+
+
+def replica_nodes(spec: ClusterSpec, deployment: str, number: int) -> list[str]:
+    dep = next(d for d in spec.deployments if d.name == deployment)
+    return list(dep.replicas[number - 1])
 
 
 def rolling_restart_plan(spec: ClusterSpec) -> list[RollingStep]:
@@ -564,10 +570,23 @@ def _rolling_restart(spec: ClusterSpec, node: Node) -> None:
             condition = lambda d=dep, n=number: replica_changed(d, n) or replica_started(d, n)  # noqa: E731
         else:
             condition = lambda d=dep, n=number: replica_changed(d, n)  # noqa: E731
+        if step.action == "ready" and condition is not None:
+            # Never route to a replica whose nodes failed the acceptance gate in this run.
+            condition = lambda c=condition, d=dep, n=number: c() and _gate.passed(d, n)  # noqa: E731
         name = step.name
         if condition is None and commands and forced:
             name += f" (running container differs from the spec: {'; '.join(forced)})"
         _step(name, commands, condition)
+        if step.action == "wait":
+            in_replica = node.name in replica_nodes(spec, dep, number)
+            wait_condition = condition if condition is not None else (lambda: True)
+            _gate.gate(
+                spec,
+                node,
+                dep,
+                number,
+                wait_condition if in_replica else (lambda: False),
+            )
 
 
 @deploy("Serving engines (sglang)")

@@ -214,3 +214,27 @@ def test_unreachable_node_is_an_error_naming_it(deployed: Lab, tmp_path: Path) -
     result = deepfleet("drift", str(spec))
     assert result.returncode == 2, result.stdout + result.stderr
     assert "gpu-09" in result.stderr and "unreachable" in result.stderr
+
+
+def test_prometheus_scrapes_every_target(deployed: Lab) -> None:
+    deadline = time.monotonic() + 90
+    targets: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen("http://10.77.0.20:9090/api/v1/targets", timeout=10) as r:
+            targets = json.loads(r.read())["data"]["activeTargets"]
+        if targets and all(t["health"] == "up" for t in targets):
+            break
+        time.sleep(5)
+    jobs = {t["labels"]["job"] for t in targets}
+    assert {t["scrapeUrl"]: t["health"] for t in targets if t["health"] != "up"} == {}
+    # node_exporter on all four nodes, both engines and HAProxy.
+    assert len([t for t in targets if "9100" in t["scrapeUrl"]]) == 4
+    assert len(targets) >= 7, jobs
+
+
+def test_acceptance_check_passes_and_gpu_checks_are_not_applicable(deployed: Lab) -> None:
+    result = deepfleet("check", str(LAB_SPEC), "--json")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    text = json.dumps(report)
+    assert "not-applicable" in text and '"fail"' not in text
