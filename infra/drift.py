@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -196,14 +197,47 @@ def read_remote_file(spec: ClusterSpec, address: str, path: str) -> str | None:
     return result.stdout if result.returncode == 0 else None
 
 
-def drift(spec: ClusterSpec, spec_path: str, limit: list[str] | None = None) -> DriftReport:
+def drift(
+    spec: ClusterSpec, spec_path: str, limit: list[str] | None = None, stack: str | None = None
+) -> DriftReport:
     payload, log = run_dry(spec_path, limit)
     report = analyse(spec, payload, log)
     report.spec = spec_path
     if limit:
         report.hosts = [h for h in report.hosts if h.host in limit]
     add_file_diffs(spec, report)
+    if stack:
+        report.hosts.append(pulumi_drift(stack))
     return report
+
+
+def pulumi_drift(stack: str) -> HostDrift:
+    """Cloud resources: `pulumi preview --expect-no-changes` fails when the stack would change."""
+    pulumi = shutil.which("pulumi")
+    if pulumi is None:
+        raise UserError(
+            "--stack needs the Pulumi CLI",
+            [
+                Problem(
+                    "`pulumi` is not on PATH", hint="install it (docs/pulumi.md) or drop --stack"
+                )
+            ],
+        )
+    result = subprocess.run(
+        [pulumi, "preview", "--stack", stack, "--expect-no-changes", "--non-interactive", "--diff"],
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    drift = HostDrift(host=f"pulumi stack {stack}")
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr).strip()
+        if "changes were proposed" not in output and "no changes were expected" not in output:
+            raise UserError(f"pulumi preview failed for stack {stack}", [Problem(output[-3000:])])
+        drift.changes.append("pulumi preview: the stack's resources differ from the program")
+        drift.file_diffs["pulumi preview --diff"] = output[-20000:]
+    return drift
 
 
 def _brief(operation: str, limit: int = 90) -> str:

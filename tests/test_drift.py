@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from infra.drift import analyse, to_markdown, unified_diff
+import pytest
+
+from infra.drift import analyse, pulumi_drift, to_markdown, unified_diff
+from infra.errors import UserError
 from infra.spec import load_spec
 from tests.conftest import HOSTS
 
@@ -58,3 +62,38 @@ def test_file_diff_shows_hand_edit() -> None:
     )
     assert "-server a iburst" in diff and "+server b iburst" in diff
     assert "would be created" in unified_diff(None, "x\n", "/etc/x")
+
+
+def _fake_pulumi(tmp_path: Path, exit_code: int, output: str) -> Path:
+    tool = tmp_path / "pulumi"
+    tool.write_text(
+        f"#!/bin/sh\necho \"$@\" > {tmp_path}/args\necho '{output}'\nexit {exit_code}\n"
+    )
+    tool.chmod(0o755)
+    return tmp_path
+
+
+def test_pulumi_stack_without_changes_is_clean(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(
+        "PATH", f"{_fake_pulumi(tmp_path, 0, 'Resources: 50 unchanged')}:/usr/bin:/bin"
+    )
+    result = pulumi_drift("prod")
+    assert not result.drifted
+    assert "--expect-no-changes" in (tmp_path / "args").read_text()
+
+
+def test_pulumi_stack_with_changes_is_drift(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = "~ aws:ec2:Instance gpu-01 update; error: no changes were expected but changes were proposed"
+    monkeypatch.setenv("PATH", f"{_fake_pulumi(tmp_path, 255, output)}:/usr/bin:/bin")
+    result = pulumi_drift("prod")
+    assert result.drifted and "gpu-01" in result.file_diffs["pulumi preview --diff"]
+
+
+def test_pulumi_stack_without_the_cli_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(UserError, match="Pulumi CLI"):
+        pulumi_drift("prod")

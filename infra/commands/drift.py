@@ -26,12 +26,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="write a PR-ready report")
     parser.add_argument("--limit", action="append", metavar="NODE", help="only these nodes")
+    parser.add_argument(
+        "--stack", metavar="NAME", help="also `pulumi preview --expect-no-changes` this stack"
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
-    report = drift(spec, args.spec, args.limit)
+    report = drift(spec, args.spec, args.limit, args.stack)
     markdown = to_markdown(report)
     if args.json:
         args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
