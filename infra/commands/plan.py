@@ -44,11 +44,12 @@ def run(args: argparse.Namespace) -> int:
         table.add_column("will do")
         table.add_column("files", justify="right")
         for role in node_plan.roles:
-            what = (
-                f"[yellow]skipped: {role.skipped}[/yellow]"
-                if role.skipped
-                else "; ".join(role.summary)
-            )
+            what = "; ".join(role.summary)
+            if role.skipped:
+                # Still say what production would do: the lab's plan documents the real path.
+                what = f"[yellow]skipped: {role.skipped}[/yellow]" + (
+                    f" (production: {what})" if what else ""
+                )
             table.add_row(role.role, what, str(len(role.files)))
         console.print(table)
 
