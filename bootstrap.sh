@@ -15,7 +15,7 @@ APT_PACKAGES=(
   # the lab: namespaces, nspawn nodes, a Debian rootfs, an apt cache for the nodes
   iproute2 nftables systemd-container mmdebstrap apt-cacher-ng uidmap
   # the real tools that read our rendered configs (see docs/testing.md)
-  netplan.io chrony haproxy nginx-light prometheus openssh-server systemd
+  netplan.io chrony haproxy nginx-light prometheus openssh-server systemd shellcheck
 )
 SGLANG_VERSION=0.5.23  # the engine release whose flags we check against (infra/sglang_flags.py)
 
