@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from facts.nvidia import QUERY_FIELDS, parse_nvidia_smi
 from infra.acceptance.thresholds import gpu_model_from_name, model_key
 from infra.acceptance.verdict import (
     Check,
@@ -60,14 +61,7 @@ SECTION_MARKER = "@@deepfleet-section"
 SSH_UNREACHABLE = 255
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
-GPU_QUERY_FIELDS = (
-    "index",
-    "name",
-    "driver_version",
-    "persistence_mode",
-    "memory.total",
-    "ecc.errors.uncorrected.volatile.total",
-)
+GPU_QUERY_FIELDS = QUERY_FIELDS
 
 
 # --- what the spec promises -------------------------------------------------------------------------
@@ -299,27 +293,20 @@ class SmiGpu:
     ecc_uncorrected: int | None
 
 
-def _int(text: str) -> int | None:
-    text = text.strip()
-    return int(text) if text.isdigit() else None
-
-
 def parse_gpu_query(output: str) -> list[SmiGpu]:
-    gpus = []
-    for line in output.splitlines():
-        fields = [f.strip() for f in line.split(",")]
-        if len(fields) == len(GPU_QUERY_FIELDS) and fields[0].isdigit():
-            gpus.append(
-                SmiGpu(
-                    index=int(fields[0]),
-                    name=fields[1],
-                    driver_version=fields[2],
-                    persistence=fields[3].lower() == "enabled",
-                    memory_mib=_int(fields[4]),
-                    ecc_uncorrected=_int(fields[5]),
-                )
-            )
-    return gpus
+    # The same query and parser as the nvidia_driver role's fact (facts/nvidia.py).
+    state = parse_nvidia_smi(output.splitlines())
+    return [
+        SmiGpu(
+            index=gpu["index"],
+            name=gpu["name"],
+            driver_version=gpu["driver_version"],
+            persistence=gpu["persistence_mode"],
+            memory_mib=gpu["memory_total_mib"],
+            ecc_uncorrected=gpu["ecc_uncorrected"],
+        )
+        for gpu in state["gpus"]
+    ]
 
 
 def parse_nvlink(output: str) -> dict[int, tuple[int, int]]:
