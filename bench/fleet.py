@@ -229,7 +229,7 @@ def format_table(runs: Sequence[Run], sizes: Sequence[int]) -> str:
     for size in sizes:
         for _, label, ours_phase, their_phase in PHASES:
             ours = summarise(runs, size, ours_phase)
-            five = summarise(runs, size, their_phase, ANSIBLE_DEFAULT_FORKS)
+            five = summarise(runs, size, their_phase, min(ANSIBLE_DEFAULT_FORKS, size))
             wide = summarise(runs, size, their_phase, size)
             rss = memory_cell(runs, size, ours_phase, their_phase)
             lines.append(
@@ -356,11 +356,19 @@ def tail(text: str, lines: int = 6) -> str:
 
 
 class Bench:
-    def __init__(self, spec_path: Path, nodes: int, log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        spec_path: Path,
+        nodes: int,
+        log: Callable[[str], None],
+        runs: list[Run],
+        save: Callable[[], None],
+    ) -> None:
         self.spec_path = spec_path
         self.nodes = nodes
         self.log = log
-        self.runs: list[Run] = []
+        self.runs = runs  # shared by every size; saved after each run
+        self.save = save
         self.env = {"DEEPFLEET_SPEC": str(spec_path), "PYINFRA_PROGRESS": "off"}
 
     def record(
@@ -380,6 +388,7 @@ class Bench:
             tree_pss_mib=round(result.tree_pss_mib, 1),
         )
         self.runs.append(run)
+        self.save()
         extra = f" forks={forks}" if forks else ""
         extra += f" changed={changed}" if changed is not None else ""
         status = "ok" if result.returncode == 0 else f"exit {result.returncode}: {note}"
@@ -648,56 +657,73 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs, {memory} memory, kernel {os.uname().release}"
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How many runs of what; the defaults time everything `--runs` times."""
+
+    runs: int = 3
+    first_runs: int = 3
+    # Ansible with its default forks=5 (only meaningful above 5 nodes: below, 5 forks are N).
+    default_forks_runs: int = 3
+    ansible: bool = True
+    ansible_first: bool = True
+
+
+def ansible_forks(nodes: int) -> list[int]:
+    """forks=N (every host at once, as pyinfra does) first, then Ansible's default if it differs."""
+    return [nodes] + ([ANSIBLE_DEFAULT_FORKS] if nodes > ANSIBLE_DEFAULT_FORKS else [])
+
+
 def bench_size(
     base_spec: Path,
     nodes: int,
-    runs: int,
-    first_runs: int,
+    plan: Plan,
     work: Path,
     log: Callable[[str], None],
-    skip_ansible: bool,
-) -> tuple[list[Run], ProfileReport | None]:
+    runs: list[Run],
+    save: Callable[[], None],
+) -> ProfileReport | None:
     from bench.ansible.baseline import write_inputs
     from infra.lab import LabPaths
     from infra.spec import load_spec
 
     spec_path = write_fleet_spec(base_spec, nodes, work)
-    bench = Bench(spec_path, nodes, log)
+    bench = Bench(spec_path, nodes, log, runs, save)
     log(f"{nodes} nodes: spec {spec_path}")
-    forks_values = sorted({ANSIBLE_DEFAULT_FORKS, nodes})
     inventory = write_inputs(
         load_spec(spec_path), work / f"ansible-{nodes}", PROJECT / LabPaths().ssh_key
     )
 
-    for _ in range(first_runs):
+    for _ in range(plan.first_runs):
         bench.reset()
         bench.pyinfra("deepfleet deploy (first)")
-    for _ in range(runs):
+    for _ in range(plan.runs):
         bench.pyinfra("deepfleet deploy (no-op)")
-    for _ in range(runs):
+    for _ in range(plan.runs):
         bench.drift()
     profile_file = work / f"profile-{nodes}.json"
     bench.profile(profile_file)
     report = (
         analyse_profile(json.loads(profile_file.read_text())) if profile_file.exists() else None
     )
+    if not plan.ansible:
+        return report
 
-    if not skip_ansible:
-        # python3-apt for Ansible's apt module; every file must already be identical.
-        converge = bench.ansible("ansible converge (untimed)", inventory, nodes)
-        converge.note = (
-            converge.note + " (python3-apt installed; files must be unchanged)"
-        ).strip()
-        for forks in forks_values:
-            for _ in range(runs):
-                bench.ansible("ansible apply (no-op)", inventory, forks)
-            for _ in range(runs):
-                bench.ansible("ansible --check --diff", inventory, forks, check=True)
-        for forks in forks_values:
-            for _ in range(first_runs):
+    # python3-apt for Ansible's apt module; every file must already be identical.
+    converge = bench.ansible("ansible converge (untimed)", inventory, nodes)
+    converge.note = (converge.note + " (python3-apt installed; files must be unchanged)").strip()
+    for forks in ansible_forks(nodes):
+        count = plan.runs if forks == nodes else plan.default_forks_runs
+        for _ in range(count):
+            bench.ansible("ansible --check --diff", inventory, forks, check=True)
+        for _ in range(count):
+            bench.ansible("ansible apply (no-op)", inventory, forks)
+    if plan.ansible_first:
+        for forks in ansible_forks(nodes):
+            for _ in range(plan.first_runs):
                 bench.reset()
                 bench.ansible("ansible apply (first)", inventory, forks)
-    return bench.runs, report
+    return report
 
 
 def main() -> int:
@@ -709,7 +735,16 @@ def main() -> int:
     )
     parser.add_argument("--spec", default=str(PROJECT / "hosts/lab.yaml"), help="base lab spec")
     parser.add_argument("--json", type=Path, help="write every run and the profiles here")
+    parser.add_argument(
+        "--default-forks-runs",
+        type=int,
+        default=None,
+        help="Ansible runs with forks=5 per phase (default: --runs); forks=N runs --runs times",
+    )
     parser.add_argument("--skip-ansible", action="store_true")
+    parser.add_argument(
+        "--skip-ansible-first", action="store_true", help="no Ansible apply on fresh nodes"
+    )
     parser.add_argument("--keep", action="store_true", help="leave the last lab running")
     parser.add_argument(
         "--table-from",
@@ -730,6 +765,15 @@ def main() -> int:
     os.chdir(PROJECT)
     sizes = [int(s) for s in args.nodes.split(",") if s]
     first_runs = args.runs if args.first_runs is None else args.first_runs
+    plan = Plan(
+        runs=args.runs,
+        first_runs=first_runs,
+        default_forks_runs=args.runs
+        if args.default_forks_runs is None
+        else args.default_forks_runs,
+        ansible=not args.skip_ansible,
+        ansible_first=not args.skip_ansible_first,
+    )
     started = time.monotonic()
 
     def log(text: str) -> None:
@@ -743,17 +787,18 @@ def main() -> int:
     profiles: dict[int, ProfileReport] = {}
     base = Path(args.spec)
     last_spec: Path | None = None
+
+    def save() -> None:
+        if args.json:
+            _save(args.json, all_runs, profiles, sizes)
+
     try:
         for size in sizes:
-            runs, profile = bench_size(
-                base, size, args.runs, first_runs, work, log, args.skip_ansible
-            )
-            all_runs += runs
             last_spec = work / f"bench-fleet-{size}.yaml"
+            profile = bench_size(base, size, plan, work, log, all_runs, save)
             if profile is not None:
                 profiles[size] = profile
-            if args.json:
-                _save(args.json, all_runs, profiles, sizes)
+            save()
     finally:
         if not args.keep:
             down = [str(VENV_BIN / "deepfleet"), "lab", "down"]

@@ -104,19 +104,19 @@ def test_summary_and_ratio() -> None:
     assert ratio(None, Summary.of([1.0])) == "–"
 
 
-def _run(phase: str, seconds: float, forks: int | None = None, rc: int = 0) -> Run:
-    return Run(phase, 4, seconds, rc, 100.0, 1.0, forks=forks)
+def _run(phase: str, seconds: float, forks: int | None = None, rc: int = 0, nodes: int = 4) -> Run:
+    return Run(phase, nodes, seconds, rc, 100.0, 1.0, forks=forks)
 
 
 def test_table_uses_medians_and_ignores_failed_runs() -> None:
     runs = [
-        _run("deepfleet drift", 2.0),
-        _run("deepfleet drift", 4.0),
-        _run("deepfleet drift", 99.0, rc=1),
-        _run("ansible --check --diff", 30.0, forks=5),
-        _run("ansible --check --diff", 24.0, forks=4),
+        _run("deepfleet drift", 2.0, nodes=8),
+        _run("deepfleet drift", 4.0, nodes=8),
+        _run("deepfleet drift", 99.0, rc=1, nodes=8),
+        _run("ansible --check --diff", 30.0, forks=5, nodes=8),
+        _run("ansible --check --diff", 24.0, forks=8, nodes=8),
     ]
-    table = format_table(runs, [4])
+    table = format_table(runs, [8])
     row = next(line for line in table.splitlines() if "drift check" in line)
     assert "3.0 s [2.0–4.0] ×2" in row
     assert "0.12 (8.0× faster)" in row  # forks = N
@@ -190,3 +190,11 @@ def test_process_tree_from_proc_stat() -> None:
     parents = parent_pids(stats)
     assert parents == {10: 1, 11: 10, 12: 11, 13: 1}
     assert descendants(10, parents) == {10, 11, 12}
+
+
+def test_ansible_forks_all_hosts_first_and_the_default_only_when_it_differs() -> None:
+    from bench.fleet import ansible_forks
+
+    assert ansible_forks(4) == [4]
+    assert ansible_forks(5) == [5]
+    assert ansible_forks(16) == [16, 5]
