@@ -10,9 +10,9 @@ settings into a temporary spec (one chat replica per GPU node, the LB node servi
    and one extra no-op run under the profiler (not timed; see `--profile-pyinfra`);
 2. Ansible (ansible-core in /var/tmp/deepfleet-bench/venv-ansible, created on first use) on the
    same converged nodes: one untimed apply, which must change nothing but python3-apt (the files
-   are rendered by deepfleet's own plan), then the no-op apply and `--check --diff`, with
-   forks=5 (Ansible's default) and forks=N;
-3. Ansible's first apply on fresh nodes, with both fork counts.
+   are rendered by deepfleet's own plan), then `--check --diff` and the no-op apply, with
+   forks=N and (above 5 nodes) Ansible's default forks=5;
+3. Ansible's first apply on fresh nodes, with both fork counts (`--skip-ansible-first`).
 
 Every command's wall time, its exit status and the peak RSS of the controller's largest
 process (wait4's rusage: RUSAGE_CHILDREN of that command) are recorded. Replaces a running
