@@ -19,6 +19,7 @@ from pyinfra.operations.util import any_changed
 
 from infra.render import HostFile, RolePlan, render
 from infra.spec import ClusterSpec, Node
+from roles._apt import install_packages
 
 ROLE = "base"
 
@@ -238,12 +239,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
         apt.update(
             name=f"[{ROLE}] Refresh apt lists from the new sources", _if=any_changed(*apt_ops)
         )
-    apt.packages(
-        name=f"[{ROLE}] Install base packages",
-        packages=desired.packages,
-        update=True,
-        cache_time=3600,
-    )
+    install_packages(f"[{ROLE}] Install base packages", list(desired.packages), ROLE)
 
     put_file(files[SYSCTL_PATH], ROLE)
     for setting in applied_sysctls(spec):

@@ -32,6 +32,7 @@ from pyinfra.operations import apt, files, systemd
 
 from infra.render import FILES_DIR, HostFile, RolePlan, render
 from infra.spec import ClusterSpec, Monitoring, Node
+from roles._apt import install_packages
 
 ROLE = "monitoring"
 
@@ -509,11 +510,10 @@ def apply(spec: ClusterSpec, node: Node) -> None:
         ),
         ROLE,
     )
-    apt.packages(
-        name="[monitoring] Install Grafana",
-        packages=[f"grafana={GRAFANA_VERSION}" if GRAFANA_VERSION else "grafana"],
-        update=True,
-        cache_time=3600,
+    install_packages(
+        "[monitoring] Install Grafana",
+        [f"grafana={GRAFANA_VERSION}" if GRAFANA_VERSION else "grafana"],
+        ROLE,
     )
     dropin = put_file(by_path[GRAFANA_DROPIN], ROLE)
     systemd.daemon_reload(name="[monitoring] Reload systemd units", _if=dropin.did_change)

@@ -437,8 +437,12 @@ def test_operations_are_named_gated_and_read_only_checks(
     for operation in operations:
         role, _, name = operation["name"].partition(" | ")
         assert name.startswith(f"[{role}] "), operation["name"]
-        names.append(name)
         action = name.split("] ", 1)[1]
+        if action.startswith("Update apt lists to install "):
+            # Depends on what this machine has installed (roles/_apt.py); a real change.
+            assert operation["hosts_with_change"] == ["@local"], name
+            continue
+        names.append(name)
         if action.startswith(FOLLOW_UPS):
             assert operation["hosts_with_change"] == [], f"{name} runs without a change"
             assert operation["hosts_with_conditional_change"] == ["@local"], name

@@ -75,6 +75,8 @@ def apt_proxy_conf(plan: LabPlan) -> str:
         "// deepfleet lab: nodes have no route out; apt-cacher-ng on the bridge fetches for them.\n"
         f'Acquire::http::Proxy "{plan.apt_proxy}";\n'
         'Acquire::https::Proxy "DIRECT";\n'
+        "// Many nodes updating at once through the cache hung with HTTP pipelining on.\n"
+        'Acquire::http::Pipeline-Depth "0";\n'
     )
 
 
