@@ -170,7 +170,9 @@ def run_chat(args: argparse.Namespace) -> int:
             [Problem(str(error), hint="is the lab deployed? `pyinfra inventory.py deploy.py`")],
         ) from None
     Console().print(
-        f"POST {endpoint}/v1/chat/completions -> {answer['choices'][0]['message']['content']}"
+        f"POST {endpoint}/v1/chat/completions -> {answer['choices'][0]['message']['content']}",
+        markup=False,
+        highlight=False,
     )
     return 0
 
