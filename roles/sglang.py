@@ -433,7 +433,11 @@ def replica_started(dep: str, replica: int) -> bool:
     return _did_change(_STARTED.get(_key(dep, replica), []))
 
 
-def _install_image(spec: ClusterSpec, launches: Sequence[EngineLaunch]) -> list[OperationMeta]:
+def _install_image(
+    spec: ClusterSpec, launches: Sequence[EngineLaunch], image_ids: dict[str, str | None]
+) -> list[OperationMeta]:
+    """Pull or load the images; records each image's id as found in `image_ids`, so the
+    engine checks reuse it instead of asking the node again."""
     images = sorted({deployment(spec, launch.deployment).image for launch in launches})
     ops: list[OperationMeta] = []
     if spec.is_lab:
@@ -455,6 +459,7 @@ def _install_image(spec: ClusterSpec, launches: Sequence[EngineLaunch]) -> list[
                 ],
             )
         present = host.get_fact(DockerImage, ref=archive.repo_tag)
+        image_ids[archive.repo_tag] = present.id if present else None
         if present is None or present.id != archive.image_id:
             dest = f"{IMAGE_CACHE}/{archive.path.name}"
             files.directory(name=f"[{ROLE}] Create {IMAGE_CACHE}", path=IMAGE_CACHE, mode="700")
@@ -472,7 +477,9 @@ def _install_image(spec: ClusterSpec, launches: Sequence[EngineLaunch]) -> list[
             )
         return ops
     for image in images:
-        if host.get_fact(DockerImage, ref=image) is None:
+        found = host.get_fact(DockerImage, ref=image)
+        image_ids[image] = found.id if found else None
+        if found is None:
             ops.append(
                 server.shell(
                     name=f"[{ROLE}] Pull image {image}",
@@ -484,7 +491,8 @@ def _install_image(spec: ClusterSpec, launches: Sequence[EngineLaunch]) -> list[
 
 def _install_engines(spec: ClusterSpec, node: Node, role: RolePlan) -> None:
     launches = node_launches(spec, node)
-    image_ops = _install_image(spec, launches)
+    image_ids: dict[str, str | None] = {}
+    image_ops = _install_image(spec, launches, image_ids)
     put_file(next(f for f in role.files if f.path == READY_SCRIPT), ROLE)
 
     env_ops: dict[str, list[OperationMeta]] = {}
@@ -522,7 +530,6 @@ def _install_engines(spec: ClusterSpec, node: Node, role: RolePlan) -> None:
         _if=lambda: _did_change(all_units),
     )
 
-    image_ids: dict[str, str | None] = {}
     for launch in launches:
         dep = deployment(spec, launch.deployment)
         key = _key(launch.deployment, launch.replica)
