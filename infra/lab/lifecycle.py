@@ -20,6 +20,7 @@ from infra.lab.plan import NFT_TABLE, LabNode, LabPlan
 from infra.lab.rootfs import RootfsResult, ensure_rootfs
 from infra.lab.state import LabState, load_state, save_state
 from infra.lab.system import preflight, run
+from infra.standin.image import ImageBuildError, build_standin_image
 
 SSH_PORT = 22
 SSH_TIMEOUT = 90.0
@@ -164,6 +165,17 @@ def _up(
         f"rootfs: {'built' if report.rootfs.built else 'cached'} {report.rootfs.path}"
         + (f" in {report.rootfs.seconds:.1f} s" if report.rootfs.built else "")
     )
+    # The engine stand-in image is built here, once, rather than by the first deploy: the
+    # build takes a minute on a cold cache and needs root on this machine, like the rootfs.
+    say("engine image: checking the stand-in image cache")
+    try:
+        image = build_standin_image()
+    except ImageBuildError as error:
+        raise UserError(
+            "the lab's engine stand-in image could not be built",
+            [Problem(str(error), hint="rerun `deepfleet lab up`; details above")],
+        ) from error
+    say(f"engine image: {'cached' if image.cached else 'built'} {image.path}")
     previous = load_state(paths.state_file)
     network.ensure_bridge(plan)
     acng_pid = aptcache.start(plan, paths)

@@ -37,7 +37,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from infra.standin import server
 
@@ -518,6 +518,22 @@ def _load_cached(path: Path, meta_path: Path) -> ImageArchive | None:
         return None
 
 
+def _lock_cooperatively(lock: IO[str], poll_s: float = 0.2) -> None:
+    """Take an exclusive flock without blocking the process.
+
+    pyinfra runs deploy code for every host in gevent greenlets of one process: a blocking
+    ``flock`` would stop the whole process, including the greenlet that holds the lock and
+    waits for its mmdebstrap child to finish, a deadlock. ``time.sleep`` yields under gevent's
+    monkey patching and is a plain sleep elsewhere.
+    """
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(poll_s)
+
+
 def build_standin_image(
     cache_dir: Path = DEFAULT_CACHE_DIR, spec: ImageSpec | None = None, *, force: bool = False
 ) -> ImageArchive:
@@ -532,7 +548,7 @@ def build_standin_image(
     path = cache_dir / _archive_name(spec, key)
     meta_path = path.with_suffix(".json")
     with (cache_dir / ".build.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        _lock_cooperatively(lock)
         if not force and (cached := _load_cached(path, meta_path)) is not None:
             return cached
         timings: dict[str, float] = {}
