@@ -7,11 +7,16 @@ pyinfra inventory.py deploy.py --dry    # what would change (the drift check)
 from pyinfra import host
 
 from infra.inventory import current_spec
-from roles import role_modules
+from roles import role_modules, snapshot_node
 
 _spec = current_spec()
 _node = _spec.node(host.name)
+_plans = {role: role.plan(_spec, _node) for role in role_modules()}
+_roles = {role: plan for role, plan in _plans.items() if plan is not None}
 
-for _role in role_modules():
-    if _role.plan(_spec, _node) is not None:
-        _role.apply(spec=_spec, node=_node)
+# One round trip for what the node already has (roles/_state.py); the roles then emit
+# operations only where it differs.
+snapshot_node(_spec, _node, _roles)
+
+for _role in _roles:
+    _role.apply(spec=_spec, node=_node)

@@ -8,12 +8,24 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files
 
 from infra.render import HostFile, RolePlan
+from roles import _state
+from roles._converge import unchanged
 
 
 def put_file(host_file: HostFile, role: str) -> OperationMeta:
-    """Upload one planned file; pyinfra compares checksums, so an unchanged file is a no-op."""
+    """Upload one planned file, unless the node snapshot shows it byte for byte as planned
+    (with its mode and owner); pyinfra then compares checksums again when it runs."""
+    name = f"[{role}] Write {host_file.path}"
+    if _state.file_matches(
+        host_file.path,
+        host_file.content.encode(),
+        host_file.mode,
+        host_file.user,
+        host_file.group,
+    ):
+        return unchanged(name)
     return files.put(
-        name=f"[{role}] Write {host_file.path}",
+        name=name,
         src=io.StringIO(host_file.content),
         dest=host_file.path,
         mode=host_file.mode,

@@ -14,12 +14,14 @@ from pyinfra import logger
 from pyinfra.api.deploy import deploy
 from pyinfra.context import host
 from pyinfra.facts.server import OsRelease
-from pyinfra.operations import apt, python, server
+from pyinfra.operations import apt, python
 from pyinfra.operations.util import any_changed
 
 from infra.render import HostFile, RolePlan, render
 from infra.spec import ClusterSpec, Node
+from roles import _converge as converge
 from roles._apt import install_packages
+from roles._state import Probes
 
 ROLE = "base"
 
@@ -198,6 +200,10 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan:
     return result
 
 
+def snapshot_probes(spec: ClusterSpec, node: Node) -> Probes:
+    return Probes(sysctls=tuple(setting.key for setting in applied_sysctls(spec)))
+
+
 def _refuse(state: Any, host: Any, message: str) -> bool:
     # FunctionCommand passes state and host to a callback that names both arguments; False
     # fails the operation on this host only, with the message in the deploy output.
@@ -212,8 +218,8 @@ def apply(spec: ClusterSpec, node: Node) -> None:
     desired = plan(spec, node)
     files = {f.path: f for f in desired.files}
 
-    server.hostname(name=f"[{ROLE}] Set hostname {node.name}", hostname=node.name)
-    server.timezone(
+    converge.hostname(name=f"[{ROLE}] Set hostname {node.name}", hostname=node.name)
+    converge.timezone(
         name=f"[{ROLE}] Set time zone {spec.site.timezone}", timezone=spec.site.timezone
     )
     put_file(files[HOSTS_PATH], ROLE)
@@ -244,7 +250,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
     put_file(files[SYSCTL_PATH], ROLE)
     for setting in applied_sysctls(spec):
         # server.sysctl compares the running value, so hand changes show up as drift too.
-        server.sysctl(
+        converge.sysctl(
             name=f"[{ROLE}] Set {setting.key} to {setting.value}",
             key=setting.key,
             value=setting.value,

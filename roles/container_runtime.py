@@ -31,7 +31,9 @@ from pyinfra.operations.util import any_changed
 from facts.docker import DockerInfo, problems
 from infra.render import HostFile, RolePlan, render
 from infra.spec import ClusterSpec, Node
+from roles import _converge as converge
 from roles._files import put_file
+from roles._state import Probes
 from roles.nvidia_driver import KEYRING_DIR, add_repository, expect, keyring_directory
 
 ROLE = "container_runtime"
@@ -157,6 +159,10 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
     )
 
 
+def snapshot_probes(spec: ClusterSpec, node: Node) -> Probes:
+    return Probes(units=("docker.service",))
+
+
 @deploy("container_runtime")
 def apply(spec: ClusterSpec, node: Node) -> None:
     role_plan = plan(spec, node)
@@ -167,7 +173,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
 
     if spec.is_lab:
         # The lab reaches no vendor repository: Debian's engine from the node's own sources.
-        apt.packages(
+        converge.packages(
             name=f"[{ROLE}] Install {' '.join(LAB_PACKAGES)} (lab)", packages=list(LAB_PACKAGES)
         )
     else:
@@ -205,12 +211,12 @@ def apply(spec: ClusterSpec, node: Node) -> None:
         apt.update(
             name=f"[{ROLE}] Update apt lists after a repository change", _if=any_changed(*repo_ops)
         )
-        apt.packages(
+        converge.packages(
             name=f"[{ROLE}] Install {' '.join(DOCKER_PACKAGES)}", packages=list(DOCKER_PACKAGES)
         )
         if gpu_runtime:
             wanted = toolkit_packages(nvidia.container_toolkit_version)
-            apt.packages(
+            converge.packages(
                 name=f"[{ROLE}] Install {' '.join(wanted)}",
                 packages=wanted,
                 allow_downgrades=bool(nvidia.container_toolkit_version),
@@ -218,7 +224,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
 
     (daemon_file,) = role_plan.files
     written = put_file(daemon_file, ROLE)
-    systemd.service(
+    converge.service(
         name=f"[{ROLE}] Enable and start docker",
         service="docker",
         running=True,

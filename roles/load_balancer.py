@@ -24,7 +24,7 @@ from ipaddress import IPv4Address
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
-from pyinfra.operations import apt, files, pip, server, systemd
+from pyinfra.operations import files, pip, server, systemd
 
 from facts.engine import DockerImage
 from infra.errors import Problem, UserError
@@ -32,7 +32,9 @@ from infra.inventory import node_addresses
 from infra.render import HostFile, RolePlan, render
 from infra.sglang import dist_timeout_s
 from infra.spec import ClusterSpec, Deployment, LoadBalancer, Node, SecretRef
+from roles import _converge as converge
 from roles._files import put_file
+from roles._state import Probes
 from roles.sglang import (
     ADMIN_SOCKET,
     backend_name,
@@ -454,14 +456,14 @@ def _haproxy(spec: ClusterSpec, role: RolePlan) -> None:
             _if=lambda: _changed([dropin]),
         )
     if lb.tls is not None:
-        files.directory(
+        converge.directory(
             name=f"[{ROLE}] Create /etc/haproxy/certs", path="/etc/haproxy/certs", mode="700"
         )
         reload_on.append(
             put_secret(role=ROLE, path=TLS_PEM, ref=lb.tls.certificate, content=lambda v: v + "\n")
         )
     reload_on.append(put_file(_planned(role, HAPROXY_CFG), ROLE))
-    systemd.service(
+    converge.service(
         name=f"[{ROLE}] Start and enable haproxy",
         service="haproxy.service",
         running=True,
@@ -482,7 +484,7 @@ def _haproxy(spec: ClusterSpec, role: RolePlan) -> None:
 
 
 def _smg(spec: ClusterSpec, role: RolePlan) -> None:
-    apt.packages(name=f"[{ROLE}] Install python3-venv (for smg)", packages=["python3-venv"])
+    converge.packages(name=f"[{ROLE}] Install python3-venv (for smg)", packages=["python3-venv"])
     changes = [
         pip.venv(name=f"[{ROLE}] Create the smg virtualenv {SMG_VENV}", path=SMG_VENV),
         pip.packages(
@@ -504,7 +506,7 @@ def _smg(spec: ClusterSpec, role: RolePlan) -> None:
     unit = put_file(_planned(role, SMG_UNIT), ROLE)
     changes.append(unit)
     systemd.daemon_reload(name=f"[{ROLE}] Reload systemd units (smg)", _if=lambda: _changed([unit]))
-    systemd.service(
+    converge.service(
         name=f"[{ROLE}] Start and enable deepfleet-smg",
         service="deepfleet-smg.service",
         running=True,
@@ -520,7 +522,7 @@ def _smg(spec: ClusterSpec, role: RolePlan) -> None:
 
 def _keepalived(role: RolePlan) -> None:
     conf = put_file(_planned(role, KEEPALIVED_CONF), ROLE)
-    systemd.service(
+    converge.service(
         name=f"[{ROLE}] Start and enable keepalived",
         service="keepalived.service",
         running=True,
@@ -544,7 +546,7 @@ def _open_webui(spec: ClusterSpec, role: RolePlan) -> None:
                 commands=[f"docker pull {shlex.quote(OPEN_WEBUI_IMAGE)}"],
             )
         )
-    files.directory(name=f"[{ROLE}] Create /etc/deepfleet", path="/etc/deepfleet", mode="755")
+    converge.directory(name=f"[{ROLE}] Create /etc/deepfleet", path="/etc/deepfleet", mode="755")
     if lb.api_key is not None:
         changes.append(
             put_secret(
@@ -568,7 +570,7 @@ def _open_webui(spec: ClusterSpec, role: RolePlan) -> None:
     systemd.daemon_reload(
         name=f"[{ROLE}] Reload systemd units (Open WebUI)", _if=lambda: _changed([unit])
     )
-    systemd.service(
+    converge.service(
         name=f"[{ROLE}] Start and enable {OPEN_WEBUI_NAME}",
         service=f"{OPEN_WEBUI_NAME}.service",
         running=True,
@@ -582,6 +584,25 @@ def _open_webui(spec: ClusterSpec, role: RolePlan) -> None:
     )
 
 
+def snapshot_probes(spec: ClusterSpec, node: Node) -> Probes:
+    return Probes(
+        paths=(
+            HAPROXY_ENV,
+            TLS_PEM,
+            SMG_ENV,
+            OPEN_WEBUI_ENV,
+            "/etc/haproxy/certs",
+            "/etc/deepfleet",
+        ),
+        units=(
+            "haproxy.service",
+            "deepfleet-smg.service",
+            "keepalived.service",
+            f"{OPEN_WEBUI_NAME}.service",
+        ),
+    )
+
+
 @deploy("Load balancer (HAProxy)")
 def apply(spec: ClusterSpec, node: Node) -> None:
     role = plan(spec, node)
@@ -589,13 +610,15 @@ def apply(spec: ClusterSpec, node: Node) -> None:
         return
     lb = _lb(spec)
     if role.packages:
-        apt.packages(name=f"[{ROLE}] Install {', '.join(role.packages)}", packages=role.packages)
+        converge.packages(
+            name=f"[{ROLE}] Install {', '.join(role.packages)}", packages=role.packages
+        )
     if lb.router != "haproxy" and chat_deployments(spec):
         _smg(spec, role)
     if any(f.path == HAPROXY_CFG for f in role.files):
         _haproxy(spec, role)
     elif lb.tls is not None:
-        files.directory(
+        converge.directory(
             name=f"[{ROLE}] Create /etc/haproxy/certs", path="/etc/haproxy/certs", mode="700"
         )
         put_secret(role=ROLE, path=TLS_PEM, ref=lb.tls.certificate, content=lambda v: v + "\n")

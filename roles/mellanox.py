@@ -27,6 +27,8 @@ from pyinfra.operations.util import any_changed
 from facts.rdma import CaInfo, Gid, IbStat, RoceGids, WantedPort, nccl_gid_index, port_problems
 from infra.render import RolePlan, render
 from infra.spec import ClusterSpec, Node
+from roles import _converge as converge
+from roles._state import Probes
 from roles.nvidia_driver import KEYRING_DIR, add_repository, expect, keyring_directory
 
 ROLE = "mellanox"
@@ -147,6 +149,10 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
     return RolePlan(role=ROLE, summary=summary, packages=[DOCA_PACKAGE], services=["openibd"])
 
 
+def snapshot_probes(spec: ClusterSpec, node: Node) -> Probes:
+    return Probes(units=("openibd.service",))
+
+
 @deploy("mellanox")
 def apply(spec: ClusterSpec, node: Node) -> None:
     role_plan = plan(spec, node)
@@ -173,10 +179,10 @@ def apply(spec: ClusterSpec, node: Node) -> None:
     apt.update(
         name=f"[{ROLE}] Update apt lists after a repository change", _if=any_changed(*repo_ops)
     )
-    driver = apt.packages(
+    driver = converge.packages(
         name=f"[{ROLE}] Install {DOCA_PACKAGE} (DOCA {version})", packages=[DOCA_PACKAGE]
     )
-    systemd.service(
+    converge.service(
         name=f"[{ROLE}] Enable and start openibd",
         service="openibd",
         running=True,

@@ -22,12 +22,14 @@ from pyinfra.api.deploy import deploy
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 from pyinfra.facts.files import Directory
-from pyinfra.operations import apt, files, python, systemd
+from pyinfra.operations import python, systemd
 from pyinfra.operations.util import any_changed
 
 from facts.storage import MANIFEST, STATUS_FILE, ModelCache, MountPoint
 from infra.render import HostFile, RolePlan, render
 from infra.spec import ClusterSpec, Node, Storage
+from roles import _converge as converge
+from roles._state import Probes
 from roles.base import management_address
 
 ROLE = "model_storage"
@@ -359,6 +361,10 @@ def report_models(
     yield  # a generator that yields nothing: the report changes nothing
 
 
+def snapshot_probes(spec: ClusterSpec, node: Node) -> Probes:
+    return Probes(units=("nfs-server.service",))
+
+
 @deploy("model_storage")
 def apply(spec: ClusterSpec, node: Node) -> None:
     from roles._files import put_file
@@ -371,22 +377,22 @@ def apply(spec: ClusterSpec, node: Node) -> None:
     files_by_path = {f.path: f for f in desired.files}
 
     for storage in exported_storage(spec, node):
-        apt.packages(name=f"[{ROLE}] Install the NFS server", packages=["nfs-kernel-server"])
+        converge.packages(name=f"[{ROLE}] Install the NFS server", packages=["nfs-kernel-server"])
         assert storage.export is not None
-        files.directory(
+        converge.directory(
             name=f"[{ROLE}] Create the export {storage.export}",
             path=storage.export,
             mode="755",
         )
         for path in models_on(spec, storage):
-            files.directory(
+            converge.directory(
                 name=f"[{ROLE}] Create the model directory {storage.export}/{path}",
                 path=f"{storage.export}/{path}",
                 mode="755",
             )
     if EXPORTS_PATH in files_by_path:
         exports_op = put_file(files_by_path[EXPORTS_PATH], ROLE)
-        systemd.service(
+        converge.service(
             name=f"[{ROLE}] Start and enable the NFS server",
             service="nfs-server.service",
             running=True,
@@ -427,7 +433,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
                 ),
             )
             continue
-        apt.packages(
+        converge.packages(
             name=f"[{ROLE}] Install the {storage.kind} client",
             packages=CLIENT_PACKAGES[storage.kind],
         )
@@ -436,7 +442,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
             name=f"[{ROLE}] Reload systemd after {mount.unit} changed", _if=unit_op.did_change
         )
         # Started, never restarted: unmounting under a running inference server fails.
-        systemd.service(
+        converge.service(
             name=f"[{ROLE}] Mount {storage.mount_point} and mount it at boot",
             service=mount.unit,
             running=True,
@@ -447,8 +453,10 @@ def apply(spec: ClusterSpec, node: Node) -> None:
         cache_file = files_by_path.get(f"{UNIT_DIR}/{cache_unit}")
         paths = cached_models(spec, node, storage)
         if cache_file is not None and storage.local_cache is not None:
-            apt.packages(name=f"[{ROLE}] Install rsync for the model cache", packages=["rsync"])
-            files.directory(
+            converge.packages(
+                name=f"[{ROLE}] Install rsync for the model cache", packages=["rsync"]
+            )
+            converge.directory(
                 name=f"[{ROLE}] Create the model cache {storage.local_cache}",
                 path=storage.local_cache,
                 mode="755",
@@ -459,7 +467,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
                 name=f"[{ROLE}] Reload systemd after {cache_unit} changed",
                 _if=cache_op.did_change,
             )
-            systemd.service(
+            converge.service(
                 name=f"[{ROLE}] Enable {cache_unit} at boot",
                 service=cache_unit,
                 running=None,

@@ -28,11 +28,13 @@ from typing import Any
 
 import yaml
 from pyinfra.api.deploy import deploy
-from pyinfra.operations import apt, files, systemd
+from pyinfra.operations import files, systemd
 
 from infra.render import FILES_DIR, HostFile, RolePlan, render
 from infra.spec import ClusterSpec, Monitoring, Node
+from roles import _converge as converge
 from roles._apt import install_packages
+from roles._state import Probes
 
 ROLE = "monitoring"
 
@@ -414,6 +416,17 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
 # --- apply ---------------------------------------------------------------------------------------
 
 
+def snapshot_probes(spec: ClusterSpec, node: Node) -> Probes:
+    return Probes(
+        units=(
+            "prometheus-node-exporter.service",
+            "dcgm-exporter.service",
+            "prometheus.service",
+            "grafana-server.service",
+        )
+    )
+
+
 @deploy("Monitoring (exporters, Prometheus, Grafana)")
 def apply(spec: ClusterSpec, node: Node) -> None:
     from roles._files import put_file
@@ -422,7 +435,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
     if role is None:
         return
     by_path = {f.path: f for f in role.files}
-    apt.packages(
+    converge.packages(
         name="[monitoring] Install prometheus-node-exporter",
         packages=["prometheus-node-exporter"],
         no_recommends=True,
@@ -436,7 +449,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
         restarted=True,
         _if=exporter_args.did_change,
     )
-    systemd.service(
+    converge.service(
         name="[monitoring] Enable prometheus-node-exporter",
         service="prometheus-node-exporter",
         running=True,
@@ -456,7 +469,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
             restarted=True,
             _if=lambda: any(op.did_change() for op in counters_or_unit),
         )
-        systemd.service(
+        converge.service(
             name="[monitoring] Enable the DCGM exporter",
             service="dcgm-exporter",
             running=True,
@@ -465,7 +478,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
 
     if PROMETHEUS_CONFIG not in by_path:
         return
-    apt.packages(
+    converge.packages(
         name="[monitoring] Install prometheus", packages=["prometheus"], no_recommends=True
     )
     defaults = put_file(by_path[PROMETHEUS_DEFAULTS], ROLE)
@@ -486,7 +499,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
         reloaded=True,
         _if=lambda: config.did_change() or rules.did_change(),
     )
-    systemd.service(
+    converge.service(
         name="[monitoring] Enable Prometheus", service="prometheus", running=True, enabled=True
     )
 
@@ -526,6 +539,6 @@ def apply(spec: ClusterSpec, node: Node) -> None:
         restarted=True,
         _if=lambda: any(op.did_change() for op in grafana_changes),
     )
-    systemd.service(
+    converge.service(
         name="[monitoring] Enable Grafana", service="grafana-server", running=True, enabled=True
     )

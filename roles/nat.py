@@ -17,11 +17,13 @@ from ipaddress import IPv4Network
 
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
-from pyinfra.operations import apt, server, systemd
+from pyinfra.operations import systemd
 
 from infra.render import HostFile, RolePlan, render
 from infra.spec import ClusterSpec, Nat, Node
+from roles import _converge as converge
 from roles._files import put_file
+from roles._state import Probes
 
 ROLE = "nat"
 RULES_FILE = "/etc/nftables.d/deepfleet-nat.nft"
@@ -73,14 +75,20 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
     return role
 
 
+def snapshot_probes(spec: ClusterSpec, node: Node) -> Probes:
+    return Probes(
+        sysctls=("net.ipv4.ip_forward",), units=("nftables.service", "deepfleet-nat.service")
+    )
+
+
 @deploy("NAT gateway (nftables)")
 def apply(spec: ClusterSpec, node: Node) -> None:
     role = plan(spec, node)
     if role is None:
         return
-    apt.packages(name=f"[{ROLE}] Install nftables", packages=role.packages)
+    converge.packages(name=f"[{ROLE}] Install nftables", packages=role.packages)
     rules, unit, sysctl = (put_file(f, ROLE) for f in role.files)
-    server.sysctl(
+    converge.sysctl(
         name=f"[{ROLE}] Enable IPv4 forwarding now",
         key="net.ipv4.ip_forward",
         value=1,
@@ -89,13 +97,13 @@ def apply(spec: ClusterSpec, node: Node) -> None:
         name=f"[{ROLE}] Reload systemd units (deepfleet-nat)",
         _if=lambda: _changed([unit]),
     )
-    systemd.service(
+    converge.service(
         name=f"[{ROLE}] Enable nftables",
         service="nftables.service",
         running=None,
         enabled=True,
     )
-    systemd.service(
+    converge.service(
         name=f"[{ROLE}] Start and enable deepfleet-nat",
         service="deepfleet-nat.service",
         running=True,

@@ -17,13 +17,17 @@ import yaml
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.files import Directory, FindFiles
-from pyinfra.operations import apt, files, server
+from pyinfra.operations import files, server
 
 from infra.render import HostFile, RolePlan, render
 from infra.spec import ClusterSpec, Nic, Node, interface_address
+from roles import _converge as converge
+from roles import _state
 from roles._files import put_file
+from roles._state import Probes
 
-NETPLAN_FILE = "/etc/netplan/60-deepfleet.yaml"
+NETPLAN_DIR = "/etc/netplan"
+NETPLAN_FILE = f"{NETPLAN_DIR}/60-deepfleet.yaml"
 APPLY_SCRIPT = "/usr/local/sbin/deepfleet-netplan-apply"
 STATE_DIR = "/var/lib/deepfleet/netplan"
 ROLLBACK_SECONDS = 120
@@ -155,6 +159,24 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
     return role
 
 
+def snapshot_probes(spec: ClusterSpec, node: Node) -> Probes:
+    return Probes(paths=(f"{STATE_DIR}/confirmed",), directories=(NETPLAN_DIR,))
+
+
+def _confirmed_before() -> bool:
+    if _state.snapshot() is not None:
+        return _state.directory_exists(f"{STATE_DIR}/confirmed")
+    return bool(host.get_fact(Directory, path=f"{STATE_DIR}/confirmed"))
+
+
+def _netplan_files() -> list[str]:
+    """The *.yaml files directly in /etc/netplan."""
+    entries = _state.listed(NETPLAN_DIR)
+    if entries is None:
+        entries = host.get_fact(FindFiles, path=NETPLAN_DIR, fname="*.yaml", maxdepth=1) or []
+    return [path for path in entries if path.endswith(".yaml")]
+
+
 @deploy("Network (netplan)")
 def apply(spec: ClusterSpec, node: Node) -> None:
     role = plan(spec, node)
@@ -164,9 +186,9 @@ def apply(spec: ClusterSpec, node: Node) -> None:
         # Not in the lab: netplan's systemd generator would hand the node's veth to
         # systemd-networkd at the next daemon-reload, i.e. apply the file. The lab checks the
         # file with `netplan generate` on the controller instead (tests/test_golden.py).
-        apt.packages(name="[netplan] Install netplan.io", packages=role.packages)
+        converge.packages(name="[netplan] Install netplan.io", packages=role.packages)
     put_file(role.files[1], "netplan")
-    if not spec.is_lab and not host.get_fact(Directory, path=f"{STATE_DIR}/confirmed"):
+    if not spec.is_lab and not _confirmed_before():
         # Before deepfleet first writes the network config, keep the node's working one as
         # the rollback target.
         server.shell(
@@ -174,11 +196,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
             commands=[f"{APPLY_SCRIPT} snapshot"],
         )
     config = put_file(role.files[0], "netplan")
-    stale = [
-        path
-        for path in host.get_fact(FindFiles, path="/etc/netplan", fname="*.yaml", maxdepth=1) or []
-        if path != NETPLAN_FILE
-    ]
+    stale = [path for path in _netplan_files() if path != NETPLAN_FILE]
     removals = [
         files.file(
             name=f"[netplan] Remove netplan file not owned by the spec: {path}",

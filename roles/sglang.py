@@ -47,8 +47,10 @@ from infra.sglang import (
     launches_for_node,
 )
 from infra.spec import ClusterSpec, Deployment, Node, SecretRef
-from roles import _gate
+from roles import _converge as converge
+from roles import _gate, _state
 from roles._files import put_file
+from roles._state import Probes
 
 ROLE = "sglang"
 UNIT_DIR = "/etc/systemd/system"
@@ -119,9 +121,13 @@ def put_secret(
                 f"echo {shlex.quote(f'deepfleet: {missing}; cannot write {path}')} >&2; exit 1"
             ],
         )
+    name = f"[{role}] Install secret {path} from {ref.describe()}"
+    text = content(value)
+    if _state.file_matches(path, text.encode(), mode, "root", "root"):
+        return converge.unchanged(name)
     return files.put(
-        name=f"[{role}] Install secret {path} from {ref.describe()}",
-        src=io.StringIO(content(value)),
+        name=name,
+        src=io.StringIO(text),
         dest=path,
         mode=mode,
         user="root",
@@ -462,7 +468,7 @@ def _install_image(
         image_ids[archive.repo_tag] = present.id if present else None
         if present is None or present.id != archive.image_id:
             dest = f"{IMAGE_CACHE}/{archive.path.name}"
-            files.directory(name=f"[{ROLE}] Create {IMAGE_CACHE}", path=IMAGE_CACHE, mode="700")
+            converge.directory(name=f"[{ROLE}] Create {IMAGE_CACHE}", path=IMAGE_CACHE, mode="700")
             files.put(
                 name=f"[{ROLE}] Upload the stand-in image archive {archive.path.name}",
                 src=str(archive.path),
@@ -502,7 +508,7 @@ def _install_engines(spec: ClusterSpec, node: Node, role: RolePlan) -> None:
             continue
         env_ops[dep.name] = []
         if dep.api_key is not None:
-            files.directory(
+            converge.directory(
                 name=f"[{ROLE}] Create /etc/deepfleet", path="/etc/deepfleet", mode="755"
             )
             env_ops[dep.name].append(
@@ -547,7 +553,7 @@ def _install_engines(spec: ClusterSpec, node: Node, role: RolePlan) -> None:
                 [unit_ops[launch.unit_name], *env_ops[launch.deployment], *image_ops]
             )
         # A stopped engine just starts (nothing to drain); rolling waits for it to serve.
-        start = systemd.service(
+        start = converge.service(
             name=f"[{ROLE}] Start and enable {launch.unit_name}",
             service=f"{launch.unit_name}.service",
             running=True,
@@ -594,6 +600,11 @@ def _rolling_restart(spec: ClusterSpec, node: Node) -> None:
                 number,
                 wait_condition if in_replica else (lambda: False),
             )
+
+
+def snapshot_probes(spec: ClusterSpec, node: Node) -> Probes:
+    env_files = {env_file_path(dep) for dep in spec.deployments if dep.api_key is not None}
+    return Probes(paths=("/etc/deepfleet", IMAGE_CACHE, *sorted(env_files)))
 
 
 @deploy("Serving engines (sglang)")

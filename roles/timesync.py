@@ -18,12 +18,14 @@ from pyinfra.api.command import FunctionCommand
 from pyinfra.api.deploy import deploy
 from pyinfra.api.operation import operation
 from pyinfra.context import host
-from pyinfra.operations import apt, systemd
+from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
 
 from facts.chrony import ChronyTracking, Tracking
 from infra.render import HostFile, RolePlan, render
 from infra.spec import ClusterSpec, Node
+from roles import _converge as converge
+from roles._state import Probes
 from roles.base import management_address
 
 ROLE = "timesync"
@@ -169,18 +171,22 @@ def chrony_synchronised(node_name: str, enforce: bool) -> Generator[FunctionComm
     yield FunctionCommand(_fail, (verdict.message,), {})
 
 
+def snapshot_probes(spec: ClusterSpec, node: Node) -> Probes:
+    return Probes(units=("chrony.service", "systemd-timesyncd.service"))
+
+
 @deploy("timesync")
 def apply(spec: ClusterSpec, node: Node) -> None:
     from roles._files import put_files
 
     desired = plan(spec, node)
     if spec.site.ntp.implementation == "timesyncd":
-        apt.packages(name=f"[{ROLE}] Remove chrony", packages=["chrony"], present=False)
-        apt.packages(name=f"[{ROLE}] Install systemd-timesyncd", packages=desired.packages)
+        converge.packages(name=f"[{ROLE}] Remove chrony", packages=["chrony"], present=False)
+        converge.packages(name=f"[{ROLE}] Install systemd-timesyncd", packages=desired.packages)
         written = put_files(desired)
         if spec.is_lab:
             return
-        systemd.service(
+        converge.service(
             name=f"[{ROLE}] Start and enable systemd-timesyncd",
             service="systemd-timesyncd.service",
             running=True,
@@ -195,8 +201,8 @@ def apply(spec: ClusterSpec, node: Node) -> None:
         return
 
     # Installing chrony removes systemd-timesyncd (both provide time-daemon); say it anyway.
-    apt.packages(name=f"[{ROLE}] Install chrony", packages=desired.packages)
-    apt.packages(
+    converge.packages(name=f"[{ROLE}] Install chrony", packages=desired.packages)
+    converge.packages(
         name=f"[{ROLE}] Remove systemd-timesyncd", packages=["systemd-timesyncd"], present=False
     )
     written = put_files(desired)
@@ -208,7 +214,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
             name=f"[{ROLE}] Reload systemd after the chrony drop-in changed",
             _if=any_changed(*dropins),
         )
-    systemd.service(
+    converge.service(
         name=f"[{ROLE}] Start and enable chrony",
         service="chrony.service",
         running=True,
