@@ -14,13 +14,18 @@ from pyinfra import logger
 from pyinfra.api.deploy import deploy
 from pyinfra.context import host
 from pyinfra.facts.server import OsRelease
-from pyinfra.operations import apt, python
+from pyinfra.operations import python
 from pyinfra.operations.util import any_changed
 
 from infra.render import HostFile, RolePlan, render
 from infra.spec import ClusterSpec, Node
 from roles import _converge as converge
-from roles._apt import install_packages
+from roles._apt import (
+    LAB_UPDATE_TIMEOUT_S,
+    UPDATE_TIMEOUT_S,
+    install_packages,
+    refresh_lists,
+)
 from roles._state import Probes
 
 ROLE = "base"
@@ -241,11 +246,19 @@ def apply(spec: ClusterSpec, node: Node) -> None:
     if APT_PROXY_PATH in files:
         apt_ops.append(put_file(files[APT_PROXY_PATH], ROLE))
     put_file(files[UNATTENDED_PATH], ROLE)
+    update_timeout_s = LAB_UPDATE_TIMEOUT_S if spec.is_lab else UPDATE_TIMEOUT_S
+    sources_changed = any_changed(*apt_ops)
     if apt_ops:
-        apt.update(
-            name=f"[{ROLE}] Refresh apt lists from the new sources", _if=any_changed(*apt_ops)
+        refresh_lists(
+            f"[{ROLE}] Refresh apt lists from the new sources", update_timeout_s, sources_changed
         )
-    install_packages(f"[{ROLE}] Install base packages", list(desired.packages), ROLE)
+    install_packages(
+        f"[{ROLE}] Install base packages",
+        list(desired.packages),
+        ROLE,
+        update_timeout_s,
+        refreshed=sources_changed if apt_ops else None,
+    )
 
     put_file(files[SYSCTL_PATH], ROLE)
     for setting in applied_sysctls(spec):

@@ -25,13 +25,14 @@ from pyinfra.api.deploy import deploy
 from pyinfra.api.exceptions import DeployError
 from pyinfra.context import host
 from pyinfra.facts.server import Arch, LinuxDistribution
-from pyinfra.operations import apt, systemd
+from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
 
 from facts.docker import DockerInfo, problems
 from infra.render import HostFile, RolePlan, render
 from infra.spec import ClusterSpec, Node
 from roles import _converge as converge
+from roles._apt import refresh_lists
 from roles._files import put_file
 from roles._state import Probes
 from roles.nvidia_driver import KEYRING_DIR, add_repository, expect, keyring_directory
@@ -208,8 +209,9 @@ def apply(spec: ClusterSpec, node: Node) -> None:
                 # NVIDIA's install guide
                 replaces=("/etc/apt/sources.list.d/nvidia-container-toolkit.list",),
             )
-        apt.update(
-            name=f"[{ROLE}] Update apt lists after a repository change", _if=any_changed(*repo_ops)
+        refresh_lists(
+            f"[{ROLE}] Update apt lists after a repository change",
+            condition=any_changed(*repo_ops),
         )
         converge.packages(
             name=f"[{ROLE}] Install {' '.join(DOCKER_PACKAGES)}", packages=list(DOCKER_PACKAGES)

@@ -21,13 +21,14 @@ from typing import Any
 from pyinfra.api.deploy import deploy
 from pyinfra.context import host
 from pyinfra.facts.server import Arch, LinuxDistribution
-from pyinfra.operations import apt, systemd
+from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
 
 from facts.rdma import CaInfo, Gid, IbStat, RoceGids, WantedPort, nccl_gid_index, port_problems
 from infra.render import RolePlan, render
 from infra.spec import ClusterSpec, Node
 from roles import _converge as converge
+from roles._apt import refresh_lists
 from roles._state import Probes
 from roles.nvidia_driver import KEYRING_DIR, add_repository, expect, keyring_directory
 
@@ -176,8 +177,9 @@ def apply(spec: ClusterSpec, node: Node) -> None:
         ),
         replaces=("/etc/apt/sources.list.d/doca.list",),  # NVIDIA's DOCA install guide
     )
-    apt.update(
-        name=f"[{ROLE}] Update apt lists after a repository change", _if=any_changed(*repo_ops)
+    refresh_lists(
+        f"[{ROLE}] Update apt lists after a repository change",
+        condition=any_changed(*repo_ops),
     )
     driver = converge.packages(
         name=f"[{ROLE}] Install {DOCA_PACKAGE} (DOCA {version})", packages=[DOCA_PACKAGE]

@@ -46,6 +46,7 @@ from infra.errors import UserError
 from infra.gpus import resolve_gpu
 from infra.render import HostFile, RolePlan, render
 from infra.spec import ClusterSpec, Node, NvidiaStack
+from roles._apt import refresh_lists
 from roles._files import put_file
 
 ROLE = "nvidia_driver"
@@ -386,8 +387,9 @@ def apply(spec: ClusterSpec, node: Node) -> None:
         # What NVIDIA's cuda-keyring package writes.
         replaces=(f"/etc/apt/sources.list.d/cuda-{distro}-{arch}.list",),
     )
-    apt.update(
-        name=f"[{ROLE}] Update apt lists after a repository change", _if=any_changed(*repo_ops)
+    refresh_lists(
+        f"[{ROLE}] Update apt lists after a repository change",
+        condition=any_changed(*repo_ops),
     )
 
     wanted = wanted_packages(nvidia, node)
