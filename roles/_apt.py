@@ -25,9 +25,16 @@ UPDATE_RETRIES = 2
 
 
 def refresh_lists(
-    name: str, timeout_s: int = UPDATE_TIMEOUT_S, condition: Callable[[], bool] | None = None
+    name: str,
+    timeout_s: int = UPDATE_TIMEOUT_S,
+    condition: Callable[[], bool] | None = None,
+    one_host_at_a_time: bool = False,
 ) -> OperationMeta:
-    extra = {} if condition is None else {"_if": condition}
+    """`one_host_at_a_time`: for nodes behind apt-cacher-ng (the lab), which refetches every
+    InRelease from the mirror for each client and races when several ask at once."""
+    extra: dict[str, object] = {} if condition is None else {"_if": condition}
+    if one_host_at_a_time:
+        extra["_parallel"] = 1
     return server.shell(
         name=name,
         commands=[f"timeout --kill-after=10 {timeout_s} apt-get update"],
@@ -43,6 +50,7 @@ def install_packages(
     role: str,
     update_timeout_s: int = UPDATE_TIMEOUT_S,
     refreshed: Callable[[], bool] | None = None,
+    one_host_at_a_time: bool = False,
 ) -> OperationMeta:
     """`refreshed`: true when an earlier step of this run already refreshed the lists."""
     missing = missing_packages(wanted)
@@ -51,5 +59,6 @@ def install_packages(
             f"[{role}] Update apt lists to install {', '.join(missing)}",
             update_timeout_s,
             None if refreshed is None else (lambda: not refreshed()),
+            one_host_at_a_time,
         )
     return packages(name, wanted)

@@ -250,7 +250,10 @@ def apply(spec: ClusterSpec, node: Node) -> None:
     sources_changed = any_changed(*apt_ops)
     if apt_ops:
         refresh_lists(
-            f"[{ROLE}] Refresh apt lists from the new sources", update_timeout_s, sources_changed
+            f"[{ROLE}] Refresh apt lists from the new sources",
+            update_timeout_s,
+            sources_changed,
+            one_host_at_a_time=spec.is_lab,
         )
     install_packages(
         f"[{ROLE}] Install base packages",
@@ -258,6 +261,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
         ROLE,
         update_timeout_s,
         refreshed=sources_changed if apt_ops else None,
+        one_host_at_a_time=spec.is_lab,
     )
 
     put_file(files[SYSCTL_PATH], ROLE)
