@@ -10,7 +10,7 @@ prepares the deploy (all hosts in parallel, before any operation runs):
 - the entries of directories a role keeps free of files it does not own (netplan);
 - the running value of the sysctls the roles set;
 - whether each systemd unit is active and enabled;
-- the host name and the time zone.
+- the host name, the time zone and the installed packages.
 
 The roles then emit an operation only where the node differs. A differing file still gets its
 own "[role] Write /path" operation (pyinfra's `files.put`, with its own facts), so the drift
@@ -34,7 +34,7 @@ from pyinfra.api.facts import FactBase
 from pyinfra.context import host
 from pyinfra.facts.deb import DebPackages
 
-SECTIONS = ("stat", "sha1", "list", "sysctl", "units", "host")
+SECTIONS = ("stat", "sha1", "list", "sysctl", "units", "host", "packages")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ class NodeSnapshot:
     enabled: dict[str, bool] = field(default_factory=dict)
     hostname: str | None = None
     timezone: str | None = None
+    packages: dict[str, Any] = field(default_factory=dict)  # as pyinfra's DebPackages
 
 
 class NodeSnapshotFact(FactBase[NodeSnapshot]):
@@ -90,6 +91,8 @@ class NodeSnapshotFact(FactBase[NodeSnapshot]):
             "echo '##host'",
             "uname -n",
             "readlink -f /etc/localtime | sed 's|.*/zoneinfo/||'",
+            "echo '##packages'",
+            f"{DebPackages().command()} 2>/dev/null",
         ]
         # Every part may fail on a fresh node (no such file, no systemd yet): the answer is
         # what could be read, never an error.
@@ -140,6 +143,7 @@ def parse_snapshot(output: Iterable[str]) -> NodeSnapshot:
             )
         elif unit and key == "UnitFileState":
             parsed.enabled[unit] = value in ("enabled", "static")
+    parsed.packages = DebPackages().process(sections["packages"]) or {}  # type: ignore[no-untyped-call]
     host_lines = sections["host"]
     if host_lines:
         parsed.hostname = host_lines[0].strip()
@@ -160,8 +164,6 @@ class Probes:
 
 # The snapshot of each host of this run, keyed by host name; filled by `take_snapshot`.
 _SNAPSHOTS: dict[str, NodeSnapshot] = {}
-# DebPackages, asked once per host and shared by every role's package step.
-_PACKAGES: dict[str, dict[str, Any]] = {}
 
 
 def take_snapshot(
@@ -181,7 +183,6 @@ def take_snapshot(
     for directory in directories:
         taken.listed.setdefault(directory, [])  # asked, and empty or missing
     _SNAPSHOTS[host.name] = taken
-    _PACKAGES.pop(host.name, None)
     return taken
 
 
@@ -192,7 +193,6 @@ def snapshot() -> NodeSnapshot | None:
 def forget() -> None:
     """Drop this host's snapshot (tests; a second deploy in one process)."""
     _SNAPSHOTS.pop(host.name, None)
-    _PACKAGES.pop(host.name, None)
 
 
 def file_matches(path: str, content: bytes, mode: str, user: str, group: str) -> bool:
@@ -244,9 +244,8 @@ def sysctl_is(key: str, value: str) -> bool:
 
 
 def installed_packages() -> dict[str, Any]:
-    """DebPackages for this host, asked once per run (each time without a snapshot)."""
-    if snapshot() is None:
+    """DebPackages for this host: from the snapshot, or asked (each time without one)."""
+    current = snapshot()
+    if current is None:
         return host.get_fact(DebPackages) or {}
-    if host.name not in _PACKAGES:
-        _PACKAGES[host.name] = host.get_fact(DebPackages) or {}
-    return _PACKAGES[host.name]
+    return current.packages

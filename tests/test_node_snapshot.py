@@ -48,6 +48,7 @@ def test_files_directories_and_listing_are_read_in_one_command(tmp_path: Path) -
         str(tmp_path / "netplan" / "50-cloud-init.yaml")
     ]
     assert snapshot.hostname == os.uname().nodename
+    assert "dpkg" in snapshot.packages  # this machine is Debian: dpkg lists itself
 
 
 def test_sysctl_units_and_host_sections_are_parsed() -> None:
