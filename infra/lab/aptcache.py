@@ -36,12 +36,6 @@ def acng_conf(plan: LabPlan, paths: LabPaths) -> str:
             "ForeGround: 1",
             "ReportPage: acng-report.html",
             "ExThreshold: 4",
-            # Index files fetched within the hour are served without asking the mirror again.
-            # Many nodes refreshing the same stale InRelease at once race inside
-            # apt-cacher-ng ("Failure to move file ... out of the way"), and some of their
-            # `apt-get update`s then wait forever; `lab up` fetches the indexes once from one
-            # node (`warm`) so that a deploy's concurrent updates only read.
-            "FreshIndexMaxAge: 3600",
             "",
         ]
     )

@@ -241,7 +241,8 @@ def _up(
 
 
 def warm_apt_cache(plan: LabPlan, paths: LabPaths, name: str, say: Say) -> None:
-    """Fetch the apt indexes through the cache from one node (see aptcache.acng_conf)."""
+    """Fetch the apt indexes through the cache from one node, so that its first download
+    from the mirror is not made by many nodes at once (docs/lab.md)."""
     started = time.monotonic()
     try:
         result = subprocess.run(
