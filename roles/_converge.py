@@ -8,7 +8,7 @@ completed "no change" meta: follow-ups written as ``_if=op.did_change`` or
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pyinfra.api.operation import OperationMeta
@@ -30,8 +30,10 @@ def _wanted(package: str) -> tuple[str, str | None]:
     return name, version or None
 
 
-def _packages_done(packages: Sequence[str], present: bool) -> bool:
-    installed = _state.installed_packages()
+def _packages_done(
+    packages: Sequence[str], present: bool, installed: Mapping[str, Any] | None = None
+) -> bool:
+    installed = _state.installed_packages() if installed is None else installed
     for package in packages:
         name, version = _wanted(package)
         versions = installed.get(name)
@@ -53,20 +55,14 @@ def packages(
 
 def missing_packages(packages: Sequence[str]) -> list[str]:
     """The packages the node does not have (pinned ones: not at that version)."""
-    return [p for p in packages if not _packages_done([p], present=True)]
+    installed = _state.installed_packages()
+    return [p for p in packages if not _packages_done([p], True, installed)]
 
 
 def directory(
     name: str, path: str, mode: str | None = None, user: str | None = None
 ) -> OperationMeta:
-    current = _state.snapshot()
-    state = current.paths.get(path) if current else None
-    if (
-        state is not None
-        and state.kind == "directory"
-        and (mode is None or state.mode == int(mode, 8))
-        and (user is None or state.user == user)
-    ):
+    if _state.directory_matches(path, mode, user):
         return unchanged(name)
     if user is None:
         return files.directory(name=name, path=path, mode=mode)

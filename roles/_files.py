@@ -12,10 +12,12 @@ from roles import _state
 from roles._converge import unchanged
 
 
-def put_file(host_file: HostFile, role: str) -> OperationMeta:
+def put_file(host_file: HostFile, role: str, name: str | None = None) -> OperationMeta:
     """Upload one planned file, unless the node snapshot shows it byte for byte as planned
-    (with its mode and owner); pyinfra then compares checksums again when it runs."""
-    name = f"[{role}] Write {host_file.path}"
+    (with its mode and owner); pyinfra then compares checksums again when it runs.
+
+    `name` replaces the usual "[role] Write /path", which drift reads as a diffable file."""
+    name = name or f"[{role}] Write {host_file.path}"
     if _state.file_matches(
         host_file.path,
         host_file.content.encode(),

@@ -209,10 +209,16 @@ def file_matches(path: str, content: bytes, mode: str, user: str, group: str) ->
     )
 
 
-def directory_exists(path: str) -> bool:
+def directory_matches(path: str, mode: str | None = None, user: str | None = None) -> bool:
+    """True only when the snapshot shows a directory there (with that mode and owner)."""
     current = snapshot()
     state = current.paths.get(path) if current else None
-    return state is not None and state.kind == "directory"
+    return (
+        state is not None
+        and state.kind == "directory"
+        and (mode is None or state.mode == int(mode, 8))
+        and (user is None or state.user == user)
+    )
 
 
 def listed(directory: str) -> list[str] | None:

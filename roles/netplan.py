@@ -165,7 +165,7 @@ def snapshot_probes(spec: ClusterSpec, node: Node) -> Probes:
 
 def _confirmed_before() -> bool:
     if _state.snapshot() is not None:
-        return _state.directory_exists(f"{STATE_DIR}/confirmed")
+        return _state.directory_matches(f"{STATE_DIR}/confirmed")
     return bool(host.get_fact(Directory, path=f"{STATE_DIR}/confirmed"))
 
 

@@ -20,7 +20,6 @@ on the hosts it names and only when that replica changed (`_if`, evaluated at ru
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import shlex
@@ -48,7 +47,7 @@ from infra.sglang import (
 )
 from infra.spec import ClusterSpec, Deployment, Node, SecretRef
 from roles import _converge as converge
-from roles import _gate, _state
+from roles import _gate
 from roles._files import put_file
 from roles._state import Probes
 
@@ -121,17 +120,10 @@ def put_secret(
                 f"echo {shlex.quote(f'deepfleet: {missing}; cannot write {path}')} >&2; exit 1"
             ],
         )
-    name = f"[{role}] Install secret {path} from {ref.describe()}"
-    text = content(value)
-    if _state.file_matches(path, text.encode(), mode, "root", "root"):
-        return converge.unchanged(name)
-    return files.put(
-        name=name,
-        src=io.StringIO(text),
-        dest=path,
-        mode=mode,
-        user="root",
-        group="root",
+    return put_file(
+        HostFile(path, content(value), mode=mode),
+        role,
+        name=f"[{role}] Install secret {path} from {ref.describe()}",
     )
 
 

@@ -30,37 +30,27 @@ ENDPOINT = "http://10.77.0.10:8000"
 MODEL = "r1-distill-qwen-7b"
 
 
-def pyinfra(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+def run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(
-            [str(BIN / "pyinfra"), *args, "inventory.py", "deploy.py"],
-            cwd=PROJECT,
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
+            argv, cwd=PROJECT, env=ENV, capture_output=True, text=True, timeout=timeout, check=False
         )
     except subprocess.TimeoutExpired as expired:
-        # Say where it stopped: the last lines pyinfra printed name the host and operation.
+        # Say where it stopped: the last lines printed name the host and operation.
         output = [part for part in (expired.stderr, expired.stdout) if part]
         tail = "\n".join(
             (part.decode(errors="replace") if isinstance(part, bytes) else part)[-3000:]
             for part in output
         )
-        pytest.fail(f"pyinfra {' '.join(args)} ran past {timeout:.0f} s; its output ended:\n{tail}")
+        pytest.fail(f"{' '.join(argv)} ran past {timeout:.0f} s; its output ended:\n{tail}")
+
+
+def pyinfra(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return run([str(BIN / "pyinfra"), *args, "inventory.py", "deploy.py"], timeout)
 
 
 def deepfleet(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "deepfleet"), *args],
-        cwd=PROJECT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run([str(BIN / "deepfleet"), *args], timeout)
 
 
 @pytest.fixture(scope="module")
