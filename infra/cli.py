@@ -18,20 +18,34 @@ from infra.errors import UserError
 EXIT_BAD_INPUT = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_names() -> list[str]:
+    """Each sub-command is the module of the same name in infra.commands."""
+    return sorted(m.name for m in pkgutil.iter_modules(commands.__path__))
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every sub-command, or of ONLY: importing a command's module imports what
+    it runs (pyinfra, pulumi, ...), which would cost every other command a second."""
     parser = argparse.ArgumentParser(
         prog="deepfleet",
         description="Private DeepSeek inference clusters as code: spec, sizing, lab, drift.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module_info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{commands.__name__}.{module_info.name}")
-        module.register(subparsers)
+    for name in command_names():
+        if only is None or name == only:
+            module = importlib.import_module(f"{commands.__name__}.{name}")
+            module.register(subparsers)
     return parser
 
 
+def _command_in(argv: Sequence[str]) -> str | None:
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if first in command_names() else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=_command_in(argv))
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)

@@ -51,6 +51,9 @@ def snapshot_node(spec: ClusterSpec, node: Node, plans: dict[ModuleType, RolePla
     directories: list[str] = []
     sysctls: list[str] = []
     units: list[str] = []
+    images: list[str] = []
+    containers: list[str] = []
+    docker_info = False
     for role, role_plan in plans.items():
         paths.extend(f.path for f in role_plan.files)
         # Units the roles write are units they start.
@@ -65,4 +68,7 @@ def snapshot_node(spec: ClusterSpec, node: Node, plans: dict[ModuleType, RolePla
             directories.extend(probes.directories)
             sysctls.extend(probes.sysctls)
             units.extend(probes.units)
-    take_snapshot(paths, directories, sysctls, units)
+            images.extend(probes.images)
+            containers.extend(probes.containers)
+            docker_info = docker_info or probes.docker_info
+    take_snapshot(paths, directories, sysctls, units, images, containers, docker_info)

@@ -10,7 +10,9 @@ prepares the deploy (all hosts in parallel, before any operation runs):
 - the entries of directories a role keeps free of files it does not own (netplan);
 - the running value of the sysctls the roles set;
 - whether each systemd unit is active and enabled;
-- the host name, the time zone and the installed packages.
+- the host name, the time zone and the installed packages;
+- what Docker reports of the engine's images and containers and of itself (`docker image
+  inspect`, `docker inspect`, `docker info`) on nodes whose roles ask for them.
 
 The roles then emit an operation only where the node differs. A differing file still gets its
 own "[role] Write /path" operation (pyinfra's `files.put`, with its own facts), so the drift
@@ -34,7 +36,19 @@ from pyinfra.api.facts import FactBase
 from pyinfra.context import host
 from pyinfra.facts.deb import DebPackages
 
+from facts.docker import DockerInfo, parse_docker_info
+from facts.engine import (
+    ContainerState,
+    DockerImage,
+    EngineContainer,
+    ImageState,
+    parse_container,
+    parse_image,
+)
+
 SECTIONS = ("stat", "sha1", "list", "sysctl", "units", "host", "packages")
+# Sections with an argument ("##image REF"): one per image, container, or the daemon.
+DOCKER_SECTIONS = ("image", "container", "dockerinfo")
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,11 @@ class NodeSnapshot:
     hostname: str | None = None
     timezone: str | None = None
     packages: dict[str, Any] = field(default_factory=dict)  # as pyinfra's DebPackages
+    # Asked for and found (an object) or asked for and absent (None); not asked: no key.
+    images: dict[str, ImageState | None] = field(default_factory=dict)
+    containers: dict[str, ContainerState | None] = field(default_factory=dict)
+    docker_info: dict[str, Any] | None = None
+    docker_info_asked: bool = False
 
 
 class NodeSnapshotFact(FactBase[NodeSnapshot]):
@@ -67,6 +86,9 @@ class NodeSnapshotFact(FactBase[NodeSnapshot]):
         directories: tuple[str, ...],
         sysctls: tuple[str, ...],
         units: tuple[str, ...] = (),
+        images: tuple[str, ...] = (),
+        containers: tuple[str, ...] = (),
+        docker_info: bool = False,
     ) -> str:
         quoted = " ".join(shlex.quote(p) for p in paths) or "/nonexistent"
         listed = " ".join(shlex.quote(d) for d in directories)
@@ -94,6 +116,21 @@ class NodeSnapshotFact(FactBase[NodeSnapshot]):
             "echo '##packages'",
             f"{DebPackages().command()} 2>/dev/null",
         ]
+        # The same commands as the DockerImage, EngineContainer and DockerInfo facts, each
+        # after a marker naming what it answers; no docker (a fresh node) answers nothing.
+        has_docker = "command -v docker >/dev/null 2>&1 &&"
+        for ref in images:
+            parts += [
+                f"echo {shlex.quote('##image ' + ref)}",
+                f"{has_docker} {DockerImage().command(ref)}",
+            ]
+        for name in containers:
+            parts += [
+                f"echo {shlex.quote('##container ' + name)}",
+                f"{has_docker} {EngineContainer().command(name)}",
+            ]
+        if docker_info:
+            parts += ["echo '##dockerinfo '", f"{has_docker} {DockerInfo().command()}"]
         # Every part may fail on a fresh node (no such file, no systemd yet): the answer is
         # what could be read, never an error.
         return "; ".join(parts) + "; true"
@@ -104,13 +141,25 @@ class NodeSnapshotFact(FactBase[NodeSnapshot]):
 
 def parse_snapshot(output: Iterable[str]) -> NodeSnapshot:
     sections: dict[str, list[str]] = {name: [] for name in SECTIONS}
+    docker: dict[tuple[str, str], list[str]] = {}
     current: list[str] | None = None
     for line in output:
+        kind, _, argument = line[2:].partition(" ")
         if line.startswith("##") and line[2:] in sections:
             current = sections[line[2:]]
+        elif line.startswith("##") and kind in DOCKER_SECTIONS:
+            current = docker.setdefault((kind, argument), [])
         elif current is not None:
             current.append(line)
     parsed = NodeSnapshot()
+    for (kind, argument), lines in docker.items():
+        if kind == "image":
+            parsed.images[argument] = parse_image(lines)
+        elif kind == "container":
+            parsed.containers[argument] = parse_container(lines)
+        else:
+            parsed.docker_info_asked = True
+            parsed.docker_info = parse_docker_info(lines)
     sha1s = {}
     for line in sections["sha1"]:
         digest, _, path = line.partition("  ")
@@ -160,6 +209,9 @@ class Probes:
     directories: tuple[str, ...] = ()  # directories whose entries it lists
     sysctls: tuple[str, ...] = ()
     units: tuple[str, ...] = ()  # systemd units it starts or enables
+    images: tuple[str, ...] = ()  # image references it inspects
+    containers: tuple[str, ...] = ()  # container names it inspects
+    docker_info: bool = False  # whether it reads `docker info`
 
 
 # The snapshot of each host of this run, keyed by host name; filled by `take_snapshot`.
@@ -171,17 +223,30 @@ def take_snapshot(
     directories: Iterable[str] = (),
     sysctls: Iterable[str] = (),
     units: Iterable[str] = (),
+    images: Iterable[str] = (),
+    containers: Iterable[str] = (),
+    docker_info: bool = False,
 ) -> NodeSnapshot:
     directories = sorted(set(directories))
+    images, containers = sorted(set(images)), sorted(set(containers))
     taken = host.get_fact(
         NodeSnapshotFact,
         paths=tuple(sorted(set(paths))),
         directories=tuple(directories),
         sysctls=tuple(sorted(set(sysctls))),
         units=tuple(sorted({unit_name(u) for u in units})),
+        images=tuple(images),
+        containers=tuple(containers),
+        docker_info=docker_info,
     )
     for directory in directories:
         taken.listed.setdefault(directory, [])  # asked, and empty or missing
+    # Asked and not answered (no docker yet): absent, as the plain facts would say.
+    for ref in images:
+        taken.images.setdefault(ref, None)
+    for name in containers:
+        taken.containers.setdefault(name, None)
+    taken.docker_info_asked = taken.docker_info_asked or docker_info
     _SNAPSHOTS[host.name] = taken
     return taken
 
@@ -255,3 +320,29 @@ def installed_packages() -> dict[str, Any]:
     if current is None:
         return host.get_fact(DebPackages) or {}
     return current.packages
+
+
+def docker_image(ref: str) -> ImageState | None:
+    """The node's image REF: from the snapshot when it was asked there, else the fact."""
+    current = snapshot()
+    if current is not None and ref in current.images:
+        return current.images[ref]
+    return host.get_fact(DockerImage, ref=ref)
+
+
+def engine_container(name: str) -> ContainerState | None:
+    """The node's container NAME: from the snapshot when it was asked there, else the fact."""
+    current = snapshot()
+    if current is not None and name in current.containers:
+        return current.containers[name]
+    return host.get_fact(EngineContainer, container=name)
+
+
+def docker_info_before_run() -> tuple[bool, dict[str, Any] | None]:
+    """Whether the snapshot read `docker info`, and its answer (None: no daemon answered).
+
+    Only for a check made before the run executes, or when nothing in it touched Docker."""
+    current = snapshot()
+    if current is None or not current.docker_info_asked:
+        return False, None
+    return True, current.docker_info

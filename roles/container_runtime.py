@@ -23,6 +23,7 @@ from typing import Any
 
 from pyinfra.api.deploy import deploy
 from pyinfra.api.exceptions import DeployError
+from pyinfra.api.operation import OperationMeta
 from pyinfra.context import host
 from pyinfra.facts.server import Arch, LinuxDistribution
 from pyinfra.operations import systemd
@@ -32,6 +33,7 @@ from facts.docker import DockerInfo, problems
 from infra.render import HostFile, RolePlan, render
 from infra.spec import ClusterSpec, Node
 from roles import _converge as converge
+from roles import _state
 from roles._apt import refresh_lists
 from roles._files import put_file
 from roles._state import Probes
@@ -161,7 +163,7 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
 
 
 def snapshot_probes(spec: ClusterSpec, node: Node) -> Probes:
-    return Probes(units=("docker.service",))
+    return Probes(units=("docker.service",), docker_info=True)
 
 
 @deploy("container_runtime")
@@ -172,10 +174,14 @@ def apply(spec: ClusterSpec, node: Node) -> None:
     runtime, nvidia = spec.container_runtime, spec.nvidia
     gpu_runtime = nvidia_runtime_enabled(spec, node)
 
+    installs: list[OperationMeta] = []
     if spec.is_lab:
         # The lab reaches no vendor repository: Debian's engine from the node's own sources.
-        converge.packages(
-            name=f"[{ROLE}] Install {' '.join(LAB_PACKAGES)} (lab)", packages=list(LAB_PACKAGES)
+        installs.append(
+            converge.packages(
+                name=f"[{ROLE}] Install {' '.join(LAB_PACKAGES)} (lab)",
+                packages=list(LAB_PACKAGES),
+            )
         )
     else:
         keyring_directory(ROLE)
@@ -213,25 +219,40 @@ def apply(spec: ClusterSpec, node: Node) -> None:
             f"[{ROLE}] Update apt lists after a repository change",
             condition=any_changed(*repo_ops),
         )
-        converge.packages(
-            name=f"[{ROLE}] Install {' '.join(DOCKER_PACKAGES)}", packages=list(DOCKER_PACKAGES)
+        installs.append(
+            converge.packages(
+                name=f"[{ROLE}] Install {' '.join(DOCKER_PACKAGES)}",
+                packages=list(DOCKER_PACKAGES),
+            )
         )
         if gpu_runtime:
             wanted = toolkit_packages(nvidia.container_toolkit_version)
-            converge.packages(
-                name=f"[{ROLE}] Install {' '.join(wanted)}",
-                packages=wanted,
-                allow_downgrades=bool(nvidia.container_toolkit_version),
+            installs.append(
+                converge.packages(
+                    name=f"[{ROLE}] Install {' '.join(wanted)}",
+                    packages=wanted,
+                    allow_downgrades=bool(nvidia.container_toolkit_version),
+                )
             )
 
     (daemon_file,) = role_plan.files
     written = put_file(daemon_file, ROLE)
-    converge.service(
+    started = converge.service(
         name=f"[{ROLE}] Enable and start docker",
         service="docker",
         running=True,
         enabled=True,
     )
+    touched = [*installs, written, started]
+
+    def docker_info() -> dict[str, Any] | None:
+        # The snapshot's answer stands while preparing, and when executing if this run changed
+        # nothing Docker runs from: one round trip fewer per node on a no-op run.
+        asked, before = _state.docker_info_before_run()
+        if asked and (not host.state.is_executing or not any_changed(*touched)()):
+            return before
+        return host.get_fact(DockerInfo)
+
     systemd.service(
         name=f"[{ROLE}] Restart docker for the new daemon.json",
         service="docker",
@@ -246,7 +267,7 @@ def apply(spec: ClusterSpec, node: Node) -> None:
         problems=lambda: [
             f"{node.name}: {problem}"
             for problem in problems(
-                host.get_fact(DockerInfo), want_nvidia=gpu_runtime, data_root=runtime.data_root
+                docker_info(), want_nvidia=gpu_runtime, data_root=runtime.data_root
             )
         ],
     )

@@ -21,18 +21,17 @@ import shlex
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
-from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files, pip, server, systemd
 
-from facts.engine import DockerImage
 from infra.errors import Problem, UserError
 from infra.inventory import node_addresses
 from infra.render import HostFile, RolePlan, render
 from infra.sglang import dist_timeout_s
 from infra.spec import ClusterSpec, Deployment, LoadBalancer, Node, SecretRef
 from roles import _converge as converge
+from roles import _state
 from roles._files import put_file
 from roles._state import Probes
 from roles.sglang import (
@@ -539,7 +538,7 @@ def _keepalived(role: RolePlan) -> None:
 def _open_webui(spec: ClusterSpec, role: RolePlan) -> None:
     lb = _lb(spec)
     changes: list[OperationMeta] = []
-    if host.get_fact(DockerImage, ref=OPEN_WEBUI_IMAGE) is None:
+    if _state.docker_image(OPEN_WEBUI_IMAGE) is None:
         changes.append(
             server.shell(
                 name=f"[{ROLE}] Pull image {OPEN_WEBUI_IMAGE}",
@@ -600,6 +599,7 @@ def snapshot_probes(spec: ClusterSpec, node: Node) -> Probes:
             "keepalived.service",
             f"{OPEN_WEBUI_NAME}.service",
         ),
+        images=(OPEN_WEBUI_IMAGE,) if spec.load_balancer and spec.load_balancer.open_webui else (),
     )
 
 

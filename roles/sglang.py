@@ -34,7 +34,7 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.context import ctx_state
 from pyinfra.operations import files, server, systemd
 
-from facts.engine import DockerImage, EngineContainer, container_differences, expected_container
+from facts.engine import container_differences, expected_container
 from infra.errors import Problem, UserError
 from infra.inventory import PROJECT_DIR
 from infra.render import HostFile, RolePlan, render
@@ -47,7 +47,7 @@ from infra.sglang import (
 )
 from infra.spec import ClusterSpec, Deployment, Node, SecretRef
 from roles import _converge as converge
-from roles import _gate
+from roles import _gate, _state
 from roles._files import put_file
 from roles._state import Probes
 
@@ -456,7 +456,7 @@ def _install_image(
                     for image in wrong
                 ],
             )
-        present = host.get_fact(DockerImage, ref=archive.repo_tag)
+        present = _state.docker_image(archive.repo_tag)
         image_ids[archive.repo_tag] = present.id if present else None
         if present is None or present.id != archive.image_id:
             dest = f"{IMAGE_CACHE}/{archive.path.name}"
@@ -475,7 +475,7 @@ def _install_image(
             )
         return ops
     for image in images:
-        found = host.get_fact(DockerImage, ref=image)
+        found = _state.docker_image(image)
         image_ids[image] = found.id if found else None
         if found is None:
             ops.append(
@@ -531,9 +531,9 @@ def _install_engines(spec: ClusterSpec, node: Node, role: RolePlan) -> None:
     for launch in launches:
         dep = deployment(spec, launch.deployment)
         key = _key(launch.deployment, launch.replica)
-        running = host.get_fact(EngineContainer, container=launch.unit_name)
+        running = _state.engine_container(launch.unit_name)
         if dep.image not in image_ids:
-            present = host.get_fact(DockerImage, ref=dep.image)
+            present = _state.docker_image(dep.image)
             image_ids[dep.image] = present.id if present else None
         expected = expected_container(launch.container_args, dep.image)
         differences = container_differences(running, expected, image_ids[dep.image])
@@ -596,7 +596,13 @@ def _rolling_restart(spec: ClusterSpec, node: Node) -> None:
 
 def snapshot_probes(spec: ClusterSpec, node: Node) -> Probes:
     env_files = {env_file_path(dep) for dep in spec.deployments if dep.api_key is not None}
-    return Probes(paths=("/etc/deepfleet", IMAGE_CACHE, *sorted(env_files)))
+    launches = node_launches(spec, node)
+    return Probes(
+        paths=("/etc/deepfleet", IMAGE_CACHE, *sorted(env_files)),
+        # The images and containers `_install_image` and `_install_engines` compare.
+        images=tuple(sorted({deployment(spec, launch.deployment).image for launch in launches})),
+        containers=tuple(launch.unit_name for launch in launches),
+    )
 
 
 @deploy("Serving engines (sglang)")

@@ -138,3 +138,87 @@ def test_a_skipped_step_reads_as_completed_without_change() -> None:
     assert meta.is_complete() and meta.did_succeed()
     assert not meta.did_change()
     assert not any_changed(meta, unchanged("[base] Write /etc/hostname"))()
+
+
+FAKE_DOCKER = """#!/bin/sh
+# Answers like docker for one image, one running container and the daemon; nothing else.
+case "$*" in
+  "image inspect --format {{json .}} deepfleet/sglang-standin:0.1.0")
+    echo '{"Id": "sha256:aa11", "RepoTags": ["deepfleet/sglang-standin:0.1.0"]}' ;;
+  "inspect --type container --format {{json .}} deepfleet-sglang-chat-r0")
+    echo '{"Name": "/deepfleet-sglang-chat-r0", "Image": "sha256:aa11",'
+    echo ' "Config": {"Image": "deepfleet/sglang-standin:0.1.0", "Cmd": ["--tp", "1"]},'
+    echo ' "State": {"Running": true}, "HostConfig": {"NetworkMode": "host"}}' ;;
+  "info --format {{json .}}")
+    echo '{"ServerVersion": "26.1.5", "Runtimes": {"runc": {}}, "DockerRootDir": "/var/lib/docker"}' ;;
+  *) echo "Error: No such object" >&2; exit 1 ;;
+esac
+"""
+
+
+def run_docker_snapshot(
+    path: str, images: tuple[str, ...], containers: tuple[str, ...]
+) -> list[str]:
+    command = NodeSnapshotFact().command((), (), (), (), images, containers, True)
+    result = subprocess.run(
+        ["/bin/sh", "-c", command],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PATH": path},
+    )
+    return result.stdout.splitlines()
+
+
+def test_docker_images_containers_and_info_come_with_the_snapshot(tmp_path: Path) -> None:
+    docker = tmp_path / "docker"
+    docker.write_text(FAKE_DOCKER)
+    docker.chmod(0o755)
+    images = ("deepfleet/sglang-standin:0.1.0", "lmsysorg/sglang:v0.4.6")
+    containers = ("deepfleet-sglang-chat-r0", "deepfleet-sglang-chat-r1")
+
+    snapshot = parse_snapshot(run_docker_snapshot(f"{tmp_path}:/usr/bin:/bin", images, containers))
+
+    standin = snapshot.images["deepfleet/sglang-standin:0.1.0"]
+    assert standin is not None and standin.id == "sha256:aa11"
+    assert snapshot.images["lmsysorg/sglang:v0.4.6"] is None  # asked, not on the node
+    engine = snapshot.containers["deepfleet-sglang-chat-r0"]
+    assert engine is not None and engine.running and engine.command == ("--tp", "1")
+    assert engine.network_mode == "host"
+    assert snapshot.containers["deepfleet-sglang-chat-r1"] is None
+    assert snapshot.docker_info_asked
+    assert snapshot.docker_info is not None
+    assert snapshot.docker_info["ServerVersion"] == "26.1.5"
+
+
+def test_a_node_without_docker_answers_absent_images_and_no_daemon(tmp_path: Path) -> None:
+    # An empty PATH: no docker (nor anything else) to run, as on a node before its runtime.
+    snapshot = parse_snapshot(
+        run_docker_snapshot(str(tmp_path), ("lmsysorg/sglang:v0.4.6",), ("engine",))
+    )
+    assert snapshot.images == {"lmsysorg/sglang:v0.4.6": None}
+    assert snapshot.containers == {"engine": None}
+    assert snapshot.docker_info_asked and snapshot.docker_info is None
+
+
+def test_docker_answers_come_from_the_snapshot_only_when_it_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked_facts: list[object] = []
+
+    class FakeHost:
+        def get_fact(self, fact: object, **kwargs: object) -> None:
+            asked_facts.append(fact)
+            return None
+
+    monkeypatch.setattr(_state, "host", FakeHost())
+    from facts.engine import ImageState
+
+    snapshot = NodeSnapshot(images={"a:1": ImageState("sha256:1")}, containers={"engine": None})
+    monkeypatch.setattr(_state, "snapshot", lambda: snapshot)
+    assert _state.docker_image("a:1") == ImageState("sha256:1")
+    assert _state.engine_container("engine") is None
+    assert _state.docker_info_before_run() == (False, None)
+    assert asked_facts == []
+    assert _state.docker_image("b:2") is None  # not in the snapshot: the fact is asked
+    assert len(asked_facts) == 1
