@@ -63,9 +63,14 @@ PHASES: tuple[tuple[str, str, str, str], ...] = (
 
 def node_names(count: int) -> list[str]:
     """lb-01 first, then gpu-01.. (the order `lab up --nodes` would keep)."""
-    if count < 2:
-        raise ValueError("a fleet needs at least 2 nodes: a load balancer and a GPU node")
+    if count < 1:
+        raise ValueError("a fleet needs at least 1 node")
     return [LB_NAME] + [f"gpu-{i:02d}" for i in range(1, count)]
+
+
+def engine_nodes(names: Sequence[str]) -> list[str]:
+    """Every node but the load balancer serves a replica; a one-node fleet serves on lb-01."""
+    return list(names[1:]) or [names[0]]
 
 
 def node_address(network: IPv4Network, index: int) -> IPv4Address:
@@ -89,6 +94,7 @@ def fleet_spec_data(base: Mapping[str, Any], count: int) -> dict[str, Any]:
     network = next(n for n in base["networks"] if n["name"] == network_name)
     cidr = IPv4Network(network["cidr"])
     names = node_names(count)
+    engines = engine_nodes(names)
     addresses = {name: str(node_address(cidr, i)) for i, name in enumerate(names)}
     if lab["host_address"] in addresses.values():
         raise ValueError(f"the lab host address {lab['host_address']} collides with a node")
@@ -96,7 +102,7 @@ def fleet_spec_data(base: Mapping[str, Any], count: int) -> dict[str, Any]:
     nodes = [
         {
             "name": name,
-            "groups": ["lb"] if name == LB_NAME else ["gpu"],
+            "groups": (["lb"] if name == LB_NAME else []) + (["gpu"] if name in engines else []),
             "address": addresses[name],
             "nics": [{"name": iface, "match": iface}],
             "addresses": [
@@ -118,7 +124,7 @@ def fleet_spec_data(base: Mapping[str, Any], count: int) -> dict[str, Any]:
     data["site"] = site
     if base.get("deployments"):
         first = dict(base["deployments"][0])
-        first["replicas"] = [[name] for name in names[1:]]
+        first["replicas"] = [[name] for name in engines]
         data["deployments"] = [first]
     if base.get("load_balancer"):
         data["load_balancer"] = {**base["load_balancer"], "nodes": [LB_NAME]}
@@ -728,7 +734,11 @@ def bench_size(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", default="4,8,16", help="fleet sizes (at least 2 each)")
+    parser.add_argument(
+        "--nodes",
+        default="4,8,16",
+        help="fleet sizes (1: one node is both load balancer and engine)",
+    )
     parser.add_argument("--runs", type=int, default=3, help="runs of each no-op and check phase")
     parser.add_argument(
         "--first-runs", type=int, default=None, help="first deploys per tool (default: --runs)"

@@ -1,13 +1,19 @@
 """Serving check against the running lab: a bounded request loop through the load balancer.
 
     .venv/bin/python bench/serving.py [--requests 200] [--concurrency 4] [--stream-share 0.5]
-                                      [--rolling-restart | --during "COMMAND"] [--json]
+                                      [--config-change | --rolling-restart | --during "COMMAND"]
+                                      [--json]
 
 Reads the endpoint and API key from `deepfleet lab status --json` and talks only to that
 endpoint (the lab's load-balancer node, checked against the lab's node list). Sends
 --requests chat completions (and, while a restart runs, more until it is over: at most
 MAX_REQUESTS and --max-seconds in all) (a share of them streaming, SSE) with --concurrency workers, then
 reports successes, failures by reason, latency percentiles and, for streams, time to first byte.
+
+--config-change is what a user does: while the loop is going, it deploys (`pyinfra -y
+inventory.py deploy.py`) a copy of the spec whose first deployment runs with another engine
+setting (max_running_requests), so the `sglang` role rolls the change through the replicas, then deploys the spec
+itself again (a second rolling restart, back to where it started).
 
 --rolling-restart runs, while the loop is going, the rolling restart the `sglang` role would run
 (the same steps from `roles.sglang.rolling_restart_plan`, each over `deepfleet lab ssh`):
@@ -21,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -219,6 +227,52 @@ def run_rolling_restart(spec_path: str, log: list[str]) -> int:
     return 0
 
 
+CHANGED_SETTING = {"max_running_requests": 48}  # any engine setting: it changes the unit
+
+
+def changed_spec(spec_path: str, directory: Path) -> Path:
+    """A copy of the spec whose first deployment runs with another engine setting."""
+    import yaml
+
+    from infra.spec import ClusterSpec, load_spec
+
+    data = load_spec(PROJECT / spec_path).model_dump(mode="json", exclude_defaults=True)
+    first = data["deployments"][0]
+    first.update(CHANGED_SETTING)
+    ClusterSpec.model_validate(data)  # the change itself must be a valid spec
+    path = directory / "config-change.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def deploy(spec: Path, log: list[str]) -> int:
+    """The real deploy of SPEC (relative paths in it resolve against the project)."""
+    started = time.monotonic()
+    result = subprocess.run(
+        [str(PROJECT / ".venv/bin/pyinfra"), "-y", "inventory.py", "deploy.py"],
+        cwd=PROJECT,
+        env={**os.environ, "DEEPFLEET_SPEC": str(spec), "PYINFRA_PROGRESS": "off"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    restarts = [line for line in result.stdout.splitlines() if "Restart" in line and "]" in line]
+    log.append(
+        f"{time.monotonic() - started:6.1f}s deploy {spec.name}: exit {result.returncode}, "
+        f"{len(restarts)} restart line(s)"
+    )
+    if result.returncode != 0:
+        log.append(" | ".join((result.stdout + result.stderr).strip().splitlines()[-5:]))
+    return result.returncode
+
+
+def run_config_change(spec_path: str, log: list[str]) -> int:
+    with tempfile.TemporaryDirectory(prefix="deepfleet-config-change-") as directory:
+        code = deploy(changed_spec(spec_path, Path(directory)), log)
+    # Back to the spec itself, under the same loop: a second rolling restart.
+    return deploy(PROJECT / spec_path, log) or code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200)
@@ -228,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=900.0)
     parser.add_argument("--spec", default="hosts/lab.yaml")
     group = parser.add_mutually_exclusive_group()
+    group.add_argument("--config-change", action="store_true")
     group.add_argument("--rolling-restart", action="store_true")
     group.add_argument("--during", metavar="COMMAND")
     parser.add_argument("--json", action="store_true")
@@ -250,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
 
     side_done = threading.Event()
     deadline = time.monotonic() + args.max_seconds
-    restarting = bool(args.rolling_restart or args.during)
+    restarting = bool(args.config_change or args.rolling_restart or args.during)
 
     def worker() -> None:
         while time.monotonic() < deadline:
@@ -273,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     def background() -> None:
         time.sleep(1.0)  # let the loop reach a steady state first
         window.append(time.monotonic())
-        if args.rolling_restart:
+        if args.config_change:
+            outcome["code"] = run_config_change(args.spec, steps)
+        elif args.rolling_restart:
             outcome["code"] = run_rolling_restart(args.spec, steps)
         else:
             outcome["code"] = subprocess.call(shlex.split(args.during), cwd=PROJECT)
@@ -311,7 +368,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     if len(window) == 2:
         start, end = window
-        report.during = "rolling restart" if args.rolling_restart else args.during
+        report.during = (
+            "config change deployed and reverted"
+            if args.config_change
+            else "rolling restart"
+            if args.rolling_restart
+            else args.during
+        )
         report.during_seconds = round(end - start, 1)
         report.during_exit_code = outcome.get("code")
         inside = [r for r in results if start <= r.started + r.latency_s and r.started <= end]

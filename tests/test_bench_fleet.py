@@ -57,9 +57,14 @@ def test_fleet_spec_serves_time_from_the_lb_and_gives_each_gpu_a_replica(
     assert spec.load_balancer is not None and spec.load_balancer.nodes == ["lb-01"]
 
 
-def test_fleet_spec_refuses_a_fleet_without_gpu_nodes(base: dict[str, object]) -> None:
-    with pytest.raises(ValueError, match="at least 2"):
-        fleet_spec_data(base, 1)
+def test_one_node_fleet_is_both_load_balancer_and_engine(base: dict[str, object]) -> None:
+    spec = ClusterSpec.model_validate(fleet_spec_data(base, 1))
+    (node,) = spec.nodes
+    assert node.name == "lb-01" and set(node.groups) == {"lb", "gpu"}
+    (deployment,) = spec.deployments
+    assert deployment.replicas == [["lb-01"]]
+    with pytest.raises(ValueError, match="at least 1"):
+        fleet_spec_data(base, 0)
 
 
 def test_fleet_spec_file_round_trips(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from infra.lab import LabPaths, LabState, load_state, plan_from_spec, ssh_argv
 from infra.lab import system as lab_system
 from infra.lab.leftovers import classify_cmdline, parse_links, parse_mounts, parse_netns
 from infra.lab.network import bridge_commands, firewall_ruleset, node_commands
-from infra.lab.node import NSPAWN_ENV, host_apt_sources, nspawn_argv
+from infra.lab.node import NSPAWN_ENV, host_apt_sources, nspawn_argv, source_suites
 from infra.lab.plan import IFNAMSIZ, LabPlan, veth_name
 from infra.lab.rootfs import RootfsRecipe
 from infra.lab.state import save_state
@@ -234,11 +234,28 @@ def test_state_round_trips_and_tolerates_corruption(tmp_path: Path) -> None:
 def test_host_apt_sources_skip_https_and_disabled_files(tmp_path: Path) -> None:
     listdir = tmp_path / "sources.list.d"
     listdir.mkdir()
-    (listdir / "debian.sources").write_text("Types: deb\nURIs: http://deb.debian.org/debian\n")
+    (listdir / "debian.sources").write_text(
+        "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\n"
+    )
     (listdir / "vendor.list").write_text("deb https://example.com/apt stable main\n")
     (listdir / "old.list.disabled").write_text("deb http://example.com/apt stable main\n")
     (tmp_path / "sources.list").write_text("# nothing here\n")
     assert list(host_apt_sources(tmp_path)) == ["sources.list.d/debian.sources"]
+
+
+def test_host_apt_sources_of_another_release_stay_on_the_host(tmp_path: Path) -> None:
+    # An Ubuntu host: its sources would break the bookworm nodes (they keep mmdebstrap's).
+    listdir = tmp_path / "sources.list.d"
+    listdir.mkdir()
+    (listdir / "ubuntu.sources").write_text(
+        "Types: deb\nURIs: http://archive.ubuntu.com/ubuntu\nSuites: noble noble-updates\n"
+    )
+    (tmp_path / "sources.list").write_text(
+        "deb [arch=amd64 signed-by=/usr/share/keyrings/x.gpg] http://mirror.local/debian "
+        "bookworm-security main\n"
+    )
+    assert list(host_apt_sources(tmp_path)) == ["sources.list"]
+    assert source_suites("deb-src http://m/debian trixie main\n") == ["trixie"]
 
 
 def test_ssh_command_uses_the_lab_key_and_no_known_hosts() -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from infra.lab.paths import LabPaths
 from infra.lab.plan import LabNode, LabPlan
+from infra.lab.rootfs import SUITE
 from infra.lab.system import run
 
 # Measured on this kind of host (docs/lab.md): without --keep-unit nspawn cannot reach a system
@@ -80,11 +81,30 @@ def apt_proxy_conf(plan: LabPlan) -> str:
     )
 
 
-def host_apt_sources(apt_dir: Path = APT_DIR) -> dict[str, str]:
-    """The host's enabled apt sources that a node can use: plain http only.
+def source_suites(text: str) -> list[str]:
+    """The suites an apt sources file names, one-line (.list) or deb822 (.sources) format."""
+    suites: list[str] = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.lower().startswith("suites:"):
+            suites += line.split(":", 1)[1].split()
+        elif line.startswith(("deb ", "deb-src ")):
+            words = line.split()[1:]
+            if words and words[0].startswith("["):  # [signed-by=... arch=...]
+                while words and not words[0].endswith("]"):
+                    words.pop(0)
+                words = words[1:]
+            if len(words) >= 2:
+                suites.append(words[1])  # URI, then the suite
+    return suites
 
-    https repositories cannot go through the caching proxy and nodes have no other way out.
-    Returns relative path (under /etc/apt) -> content.
+
+def host_apt_sources(apt_dir: Path = APT_DIR, suite: str = SUITE) -> dict[str, str]:
+    """The host's enabled apt sources that a node can use: plain http, for the nodes' suite.
+
+    https repositories cannot go through the caching proxy and nodes have no other way out; an
+    Ubuntu host's (or another release's) sources would break the Debian nodes, which then keep
+    the sources mmdebstrap wrote. Returns relative path (under /etc/apt) -> content.
     """
     found: dict[str, str] = {}
     candidates = [apt_dir / "sources.list"]
@@ -99,6 +119,8 @@ def host_apt_sources(apt_dir: Path = APT_DIR) -> dict[str, str]:
             line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
         ]
         if not entries or "https://" in text:
+            continue
+        if not any(s == suite or s.startswith(f"{suite}-") for s in source_suites(text)):
             continue
         found[str(path.relative_to(apt_dir))] = text
     return found

@@ -126,6 +126,24 @@ def test_requests_keep_succeeding_with_one_replica_down(deployed: Lab) -> None:
         _wait_healthy(deployed, "gpu-02", 30000)
 
 
+def test_a_config_change_rolls_through_with_zero_failed_requests(
+    deployed: Lab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The user's path: change an engine setting, deploy, under a steady request loop; then
+    deploy the spec itself again. Both rolling restarts must lose no request."""
+    from bench.serving import main as serving
+
+    code = serving(["--config-change", "--requests", "60", "--concurrency", "2", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["during_exit_code"] == 0, report["steps"]
+    restarts = [line for line in report["steps"] if "deploy" in line]
+    assert len(restarts) == 2 and all("0 restart line" not in line for line in restarts), restarts
+    assert report["requests_during"] > 0
+    assert report["failed"] == 0, report["errors"]
+    assert set(report["served_by"]) == {"gpu-01", "gpu-02"}
+    assert code == 0
+
+
 def _wait_healthy(lab: Lab, node: str, port: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
