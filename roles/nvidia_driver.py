@@ -7,14 +7,24 @@ Order of the deploy (each step a desired-state operation named for a drift repor
 3. install ``nvidia-driver-<branch>-<flavour>[-open]`` (exact version when pinned) and, on
    NVSwitch boards, ``nvidia-fabricmanager-<branch>`` of exactly the same driver version;
 4. blacklist nouveau, ``update-initramfs -u`` only when that file changed;
-5. hold the stack (``apt-mark hold``) and keep it out of unattended-upgrades;
+5. hold the stack (``apt-mark hold``): the metapackages and every installed package of the
+   branch, read from the node when the hold runs (after the install), and keep it out of
+   unattended-upgrades;
 6. reboot when the kernel module changed and ``nvidia.allow_reboot`` (one node at a time,
    ``_serial=True``); otherwise say "reboot required" and stop short of the checks;
 7. enable persistenced / fabric manager, then verify with ``nvidia-smi`` against the spec.
 
 The lab has no GPUs and no vendor repositories: the plan says so (``skipped``) and still lists
-what production does. Two small custom operations live here and are shared by the GPU-stack
-roles: `hold_packages` and `expect` (a verification that fails the host with a message).
+what production does; the deploy logs one line saying so and adds no operation.
+
+Ubuntu only (22.04, 24.04): NVIDIA's Debian 12 repository names the driver packages without a
+branch (``nvidia-driver``, ``nvidia-kernel-dkms``, ``libcuda1``) and locks a branch with
+``nvidia-driver-pinning-<branch>``, which the purge and holds here do not handle; a Debian node
+fails with `require_ubuntu`'s message instead of getting a half-right stack.
+
+Custom operations live here and are shared by the GPU-stack roles: `hold_driver_stack` and
+`expect` (a verification that fails the host with a message), with `require_ubuntu` and
+`report_lab_skip`.
 """
 
 from __future__ import annotations
@@ -145,16 +155,36 @@ def branch_packages(installed: Iterable[str], branch: int) -> list[str]:
     return sorted(n for n in set(installed) if package_branch(n) == branch)
 
 
-def cuda_distro(distribution: Mapping[str, Any]) -> str:
-    """LinuxDistribution fact -> the CUDA repository's directory name (ubuntu2204)."""
+def require_ubuntu(node: str, role: str, distribution: Mapping[str, Any]) -> None:
+    """Refuse anything but Ubuntu, naming the node and saying what to do instead.
+
+    Debian 12 has a CUDA repository (``repos/debian12/x86_64``), but its driver packages carry
+    no branch in their names (``nvidia-driver``, ``nvidia-kernel-dkms``, ``libcuda1``,
+    ``nvidia-smi``; the branch is locked with ``nvidia-driver-pinning-<branch>``), so
+    `stale_packages`, `branch_packages` and the ``-<branch>-server`` install would all be
+    wrong there. Failing here beats installing a stack whose holds miss the libraries.
+    """
     name = str(distribution.get("name") or "").lower()
-    major, minor = distribution.get("major"), distribution.get("minor")
-    if name != "ubuntu" or major is None:
-        raise DeployError(
-            f"the NVIDIA stack supports Ubuntu 22.04 and 24.04; this node runs "
-            f"{distribution.get('name')} {major}.{minor}"
-        )
-    return f"ubuntu{major}{int(minor or 0):02d}"
+    if name == "ubuntu" and distribution.get("major") is not None:
+        return
+    release = str(
+        (distribution.get("release_meta") or {}).get("PRETTY_NAME")
+        or f"{distribution.get('name')} {distribution.get('major')}"
+    )
+    raise DeployError(
+        f"{node}: the {role} role supports Ubuntu 22.04 and 24.04 only; this node runs "
+        f"{release}. NVIDIA's Debian repository names the driver packages without a branch "
+        "(nvidia-driver, nvidia-kernel-dkms, libcuda1), so deepfleet's purge, install and "
+        "holds would be wrong there. Reinstall the node with Ubuntu 22.04 or 24.04 (the "
+        "SGLang recipes' OS), or take it out of group gpu / remove its gpus: and rdma: "
+        "entries in the spec and prepare it by hand (docs/gpu-stack.md, 'Debian 12')."
+    )
+
+
+def cuda_distro(distribution: Mapping[str, Any]) -> str:
+    """LinuxDistribution fact (Ubuntu: see `require_ubuntu`) -> the CUDA repository's
+    directory name (ubuntu2204)."""
+    return f"ubuntu{distribution.get('major')}{int(distribution.get('minor') or 0):02d}"
 
 
 def repository_arch(uname_machine: str) -> str:
@@ -248,7 +278,9 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
     summary += [
         "enable nvidia-persistenced",
         f"blacklist nouveau; update-initramfs -u when {NOUVEAU_BLACKLIST} changes",
-        "hold the driver stack (apt-mark hold) and keep it out of unattended-upgrades",
+        f"hold the driver stack (apt-mark hold: {', '.join(p.split('=')[0] for p in wanted)} "
+        f"and every installed package of branch {nvidia.driver_branch}, read after the "
+        "install) and keep it out of unattended-upgrades",
         "reboot one node at a time when the kernel module changed"
         if nvidia.allow_reboot
         else "report 'reboot required' when the kernel module changed (nvidia.allow_reboot is false)",
@@ -273,15 +305,34 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
 # --- shared custom operations ---------------------------------------------------------------------
 
 
+def driver_stack(packages: Iterable[str], installed: Iterable[str], branch: int) -> list[str]:
+    """What to hold: PACKAGES (the metapackages) and every installed package of BRANCH."""
+    return sorted({p.split("=")[0] for p in packages} | set(branch_packages(installed, branch)))
+
+
 @operation()
-def hold_packages(packages: list[str]) -> Any:
-    """Mark PACKAGES held; yields nothing when `apt-mark showhold` lists them all already."""
+def hold_driver_stack(packages: list[str], branch: int) -> Any:
+    """Hold PACKAGES and every installed package of driver BRANCH that is not held yet.
+
+    Both facts are read when the operation runs, not when the deploy is planned: on a fresh
+    node the install before it pulls in the libraries (libnvidia-compute-*, nvidia-utils-*,
+    nvidia-dkms-*, ...), and a list taken before the install would leave them for a second
+    deploy. pyinfra 3 does not cache facts, so these see the node as the install left it.
+    """
+    stack = driver_stack(packages, host.get_fact(DebPackages), branch)
     held: list[str] = host.get_fact(HeldPackages)
-    missing = sorted(set(packages) - set(held))
+    missing = [p for p in stack if p not in held]
     if missing:
         yield StringCommand("apt-mark", "hold", *missing)
     else:
-        host.noop(f"{', '.join(sorted(packages))} already held")
+        host.noop(f"the driver stack is held ({len(stack)} packages)")
+
+
+def report_lab_skip(role: str, reason: str) -> None:
+    """One line in the deploy's output for a role the lab skips: a log line, not an operation,
+    so the lab's deploy counts no change for it (``deepfleet plan`` lists the production
+    steps)."""
+    logger.info(f"{host.print_prefix}[{role}] skipped: {reason}; `deepfleet plan` shows its steps")
 
 
 def _fail(state: Any, host: Any, what: str, problems: list[str]) -> bool:
@@ -352,8 +403,13 @@ def add_repository(
 @deploy("nvidia_driver")
 def apply(spec: ClusterSpec, node: Node) -> None:
     role_plan = plan(spec, node)
-    if role_plan is None or role_plan.skipped:
+    if role_plan is None:
         return
+    if role_plan.skipped:
+        report_lab_skip(ROLE, role_plan.skipped)
+        return
+    distribution = host.get_fact(LinuxDistribution)
+    require_ubuntu(node.name, ROLE, distribution)
     nvidia = spec.nvidia
     installed = host.get_fact(DebPackages)
 
@@ -369,7 +425,6 @@ def apply(spec: ClusterSpec, node: Node) -> None:
         )
 
     keyring_directory(ROLE)
-    distribution = host.get_fact(LinuxDistribution)
     distro = cuda_distro(distribution)
     arch = repository_arch(host.get_fact(Arch))
     repo_ops = add_repository(
@@ -411,10 +466,13 @@ def apply(spec: ClusterSpec, node: Node) -> None:
         _if=blacklist.did_change,
     )
 
-    hold = sorted(
-        {p.split("=")[0] for p in wanted} | set(branch_packages(installed, nvidia.driver_branch))
+    metapackages = [p.split("=")[0] for p in wanted]
+    hold_driver_stack(
+        name=f"[{ROLE}] Hold {' '.join(metapackages)} and every installed package of branch "
+        f"{nvidia.driver_branch}",
+        packages=metapackages,
+        branch=nvidia.driver_branch,
     )
-    hold_packages(name=f"[{ROLE}] Hold {' '.join(hold)}", packages=hold)
 
     module_ops = [op for op in (purged, installs, initramfs) if op is not None]
 
@@ -493,7 +551,9 @@ __all__ = [
     "apply",
     "expect",
     "gpu_problems",
-    "hold_packages",
+    "hold_driver_stack",
     "plan",
+    "report_lab_skip",
+    "require_ubuntu",
     "stale_packages",
 ]

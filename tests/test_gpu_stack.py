@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from pyinfra.api.exceptions import DeployError
 from pyinfra.facts.deb import DebPackages
 
 from facts.docker import parse_docker_info, problems, runtimes
@@ -29,9 +30,10 @@ from facts.rdma import (
     parse_rdma_link,
     port_problems,
 )
-from infra.spec import NvidiaStack, load_spec
+from infra.sglang import launches_for_node
+from infra.spec import ClusterSpec, NvidiaStack, load_spec
 from roles import container_runtime, mellanox, nvidia_driver
-from tests.operations.harness import Case, MissingFact, load_cases, run_case
+from tests.operations.harness import Case, MissingFact, load_cases, run_case, second_run
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gpu"
 BAREMETAL = Path(__file__).parent.parent / "hosts" / "example-baremetal.yaml"
@@ -54,6 +56,12 @@ CASES = [(role, case) for role in ROLES for case in load_cases(role)]
 
 @pytest.mark.parametrize(("role", "case"), CASES, ids=[c.name for _, c in CASES])
 def test_operations(role: str, case: Case) -> None:
+    if "raises" in case.data:
+        # Refused before any operation is added (an unsupported OS): the deploy stops there.
+        with pytest.raises(DeployError) as refused:
+            run_case(case, ROLES[role])
+        assert case.data["raises"] in str(refused.value)
+        return
     result = run_case(case, ROLES[role])
     if os.environ.get("UPDATE_OPERATIONS"):
         case.data["commands"] = result.commands
@@ -64,6 +72,51 @@ def test_operations(role: str, case: Case) -> None:
     assert result.errors == case.data.get("errors", [])
     for expected in case.data.get("warnings", []):
         assert any(expected in w for w in result.warnings), result.warnings
+    for expected in case.data.get("notices", []):
+        assert any(expected in n for n in result.notices), result.notices
+
+
+def _case(role: str, name: str) -> Case:
+    (case,) = [c for c in load_cases(role) if c.path.stem == name]
+    return case
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "fresh-node-holds-every-driver-stack-package-ubuntu-22.04",
+        "fresh-hgx-ubuntu-24.04-reboot-allowed",
+        "wrong-branch-pcie-ubuntu-24.04-reboot-allowed",
+    ],
+)
+def test_first_run_converges(name: str) -> None:
+    """One deploy is enough: a second run on what the first left runs no command."""
+    case = _case("nvidia_driver", name)
+    first = run_case(case, nvidia_driver)
+    assert not first.failed, first.errors
+    again = run_case(second_run(case, first), nvidia_driver)
+    assert again.commands == {}
+    assert not again.failed, again.errors
+
+
+def test_first_run_holds_every_driver_stack_package() -> None:
+    case = _case("nvidia_driver", "fresh-node-holds-every-driver-stack-package-ubuntu-22.04")
+    first = run_case(case, nvidia_driver)
+    ((hold,),) = [cmds for op, cmds in first.commands.items() if "] Hold " in op]
+    installed = first.end_facts["deb.DebPackages"]
+    stack = sorted(p for p in installed if nvidia_driver.package_branch(p) == 570)
+    assert "libnvidia-compute-570-server" in stack and "nvidia-dkms-570-server" in stack
+    assert hold == "apt-mark hold " + " ".join(stack)
+    assert "dkms" not in hold.split()  # a dependency, not the driver stack
+
+
+def test_converged_case_is_the_fresh_case_end_state() -> None:
+    """The converged case shows what a first run leaves, not a hand-made ideal."""
+    fresh = _case("nvidia_driver", "fresh-node-holds-every-driver-stack-package-ubuntu-22.04")
+    converged = _case("nvidia_driver", "converged-hgx-ubuntu-22.04")
+    end = run_case(fresh, nvidia_driver).end_facts
+    for fact, value in converged.data["facts"].items():
+        assert end[fact] == value, fact
 
 
 def test_every_role_has_cases_for_both_ubuntu_releases() -> None:
@@ -207,7 +260,83 @@ def test_nccl_ib_env_for_the_serving_role() -> None:
     assert mellanox.nccl_ib_env(load_spec(BAREMETAL).node("gpu-03")) == {}
 
 
+def _with_env(spec: ClusterSpec, deployment: str, env: dict[str, str]) -> ClusterSpec:
+    raw = spec.model_dump(mode="json")
+    for entry in raw["deployments"]:
+        if entry["name"] == deployment:
+            entry["env"] = env
+    return ClusterSpec.model_validate(raw)
+
+
+def test_gid_index_found_on_the_node_must_be_the_engines() -> None:
+    spec = load_spec(BAREMETAL)
+    node = spec.node("gpu-01")
+    assert mellanox.gid_index_problems(spec, node, parse_gids(lines("gids-hgx.txt"))) == []
+    two_vlans = parse_gids(
+        lines("gids-two-vlans.txt")
+    )  # mlx5_0 only: 3 on ens1f0np0, 5 on bond1.12
+    (problem,) = mellanox.gid_index_problems(spec, node, two_vlans)
+    assert problem.startswith(
+        "gpu-01 mlx5_0 port 1: the RoCE v2 IPv4 GID is at index 5 (on bond1.12), but deployment "
+        "r1 uses NCCL_IB_GID_INDEX=3"
+    )
+    assert 'set NCCL_IB_GID_INDEX: "5" in deployments[r1].env' in problem
+    fixed = _with_env(spec, "r1", {"NCCL_IB_GID_INDEX": "5"})
+    assert mellanox.gid_index_problems(fixed, fixed.node("gpu-01"), two_vlans) == []
+    # Ports without an IPv4 RoCE v2 GID are roce_problems' to report, not this check's.
+    assert mellanox.gid_index_problems(spec, node, parse_gids(lines("gids-no-address.txt"))) == []
+
+
+def test_gid_indexes_that_differ_between_ports_are_reported() -> None:
+    spec = load_spec(BAREMETAL)
+    gids = parse_gids(lines("gids-two-vlans.txt")) + [
+        g for g in parse_gids(lines("gids-hgx.txt")) if g["device"] == "mlx5_1"
+    ]
+    found = mellanox.gid_index_problems(spec, spec.node("gpu-01"), gids)
+    assert len(found) == 2
+    assert found[0].startswith("gpu-01 mlx5_0 port 1: the RoCE v2 IPv4 GID is at index 5")
+    assert found[1].startswith(
+        "gpu-01: the RoCE v2 IPv4 GID indexes differ between ports (mlx5_0/1 5, mlx5_1/1 3)"
+    )
+
+
+@pytest.mark.parametrize("env", [{}, {"NCCL_IB_GID_INDEX": "5"}])
+def test_engine_gid_indexes_are_what_the_engines_get(env: dict[str, str]) -> None:
+    """mellanox compares the node against infra/sglang.py's env: the two must not drift apart."""
+    spec = _with_env(load_spec(BAREMETAL), "r1", env)
+    for name in ("gpu-01", "gpu-02"):
+        engines = {
+            launch.deployment: launch.env["NCCL_IB_GID_INDEX"]
+            for launch in launches_for_node(spec, name)
+        }
+        assert mellanox.engine_gid_indexes(spec, spec.node(name)) == engines
+    assert mellanox.engine_gid_indexes(spec, spec.node("gpu-01")) == {
+        "r1": env.get("NCCL_IB_GID_INDEX", "3")
+    }
+
+
 # --- nvidia_driver decisions ------------------------------------------------------------------------
+
+
+def test_debian_is_refused_with_the_reason_and_the_way_out() -> None:
+    debian = {
+        "name": "Debian",
+        "major": 12,
+        "minor": None,
+        "release_meta": {"PRETTY_NAME": "Debian GNU/Linux 12 (bookworm)"},
+    }
+    with pytest.raises(DeployError) as refused:
+        nvidia_driver.require_ubuntu("gpu-01", "nvidia_driver", debian)
+    message = str(refused.value)
+    assert message.startswith(
+        "gpu-01: the nvidia_driver role supports Ubuntu 22.04 and 24.04 only; this node runs "
+        "Debian GNU/Linux 12 (bookworm)."
+    )
+    assert "without a branch" in message and "Reinstall the node with Ubuntu" in message
+    assert "docs/gpu-stack.md" in message
+    nvidia_driver.require_ubuntu(
+        "gpu-01", "nvidia_driver", {"name": "Ubuntu", "major": 24, "minor": 4}
+    )
 
 
 def test_stale_packages_only_when_they_differ() -> None:
@@ -348,7 +477,9 @@ def test_harness_names_a_missing_fact(tmp_path: Path) -> None:
         tmp_path / "nvidia_driver" / "incomplete.json",
         {"spec": "hosts/example-baremetal.yaml", "node": "gpu-03", "facts": {}, "commands": {}},
     )
-    with pytest.raises(MissingFact, match=r"incomplete: no value for fact deb\.DebPackages\(\)"):
+    with pytest.raises(
+        MissingFact, match=r"incomplete: no value for fact server\.LinuxDistribution\(\)"
+    ):
         run_case(case, nvidia_driver)
 
 

@@ -17,6 +17,8 @@ A case file (``tests/operations/<role>/<case>.json``)::
       "planned_files": true,            # the role's planned files are on the node already
       "remote_files": {"/etc/x": "content"},   # other files on the node (File/Sha1File facts)
       "facts": {"deb.DebPackages": {...}, "facts.nvidia.NvidiaSmi": {"@fixture": "x.txt"}},
+      "facts_after_operation": {"[role] Install x": {...}},  # replaces facts once that
+                                        # operation ran a command (what an install left)
       "facts_after_reboot": {...},      # replaces facts once the reboot command ran
       "commands": {"[role] Operation name": ["command", "upload /path", "python:function"]},
       "errors": ["text the failing check logs"]                  # the host fails with these
@@ -27,6 +29,13 @@ Fact values: the processed value, as pyinfra's data files give it; ``{"@fixture"
 A fact with arguments is a mapping keyed the way pyinfra keys them (``"path=/etc/x"``), unless
 the mapping has no such keys (then it answers for every argument, e.g. SystemdStatus). File
 facts of paths not given are None (no such file). Any other fact missing is an error naming it.
+
+The harness also notes what the commands did: an upload or a download (``mv`` of pyinfra's
+temporary file) makes the file exist, ``apt-mark hold`` adds to ``HeldPackages``, ``systemctl
+start|restart|enable`` sets ``SystemdStatus``/``SystemdEnabled``. Those effects are not seen
+during the run (the case's facts and its ``facts_after_*`` say what later operations read);
+`Result.end_facts` is the node as the run left it, and `second_run` deploys again on it: a role
+converges in one run when that second run has no commands.
 """
 
 from __future__ import annotations
@@ -64,6 +73,9 @@ PROJECT = Path(__file__).resolve().parents[2]
 CASES = Path(__file__).resolve().parent
 FIXTURES = PROJECT / "tests" / "fixtures" / "gpu"
 REBOOT_COMMAND = re.compile(r"\breboot\b")
+DOWNLOAD_MOVE = re.compile(r"^mv /tmp/pyinfra-\w+ (?P<dest>\S+)$")
+SYSTEMCTL = re.compile(r"^systemctl (?P<verb>start|restart|enable) (?P<unit>\S+)$")
+DOWNLOADED = "(downloaded)\n"
 PYINFRA_SUMMARY = re.compile(r"Error: executed \d+ commands")
 # Facts about paths: a path the case does not mention does not exist on the node.
 PATH_FACTS = {
@@ -183,12 +195,52 @@ class FactSource:
         remote = dict(planned) | case.data.get("remote_files", {})
         self.facts = merge_facts(merge_facts(base, file_facts(remote)), case.data.get("facts", {}))
         self.after_reboot = case.data.get("facts_after_reboot")
+        self.after_operation: dict[str, Any] = dict(case.data.get("facts_after_operation", {}))
+        # What the commands did, in order: (kind, *details); applied by `end_state` only.
+        self.effects: list[tuple[str, ...]] = []
         self.case = case
         self.requested: list[str] = []
 
     def rebooted(self) -> None:
         if self.after_reboot is not None:
             self.facts = merge_facts(self.facts, self.after_reboot)
+
+    def operation_ran(self, name: str) -> None:
+        after = self.after_operation.pop(name, None)
+        if after is not None:
+            self.facts = merge_facts(self.facts, after)
+
+    def wrote(self, path: str, content: str) -> None:
+        self.effects.append(("file", path, content))
+
+    def command_ran(self, text: str) -> None:
+        words = text.split()
+        if words[:2] == ["apt-mark", "hold"]:
+            self.effects.append(("hold", *words[2:]))
+        elif match := DOWNLOAD_MOVE.match(text):
+            self.effects.append(("file", match.group("dest"), DOWNLOADED))
+        elif match := SYSTEMCTL.match(text):
+            fact = (
+                "systemd.SystemdEnabled"
+                if match.group("verb") == "enable"
+                else "systemd.SystemdStatus"
+            )
+            self.effects.append(("unit", fact, match.group("unit")))
+
+    def end_state(self) -> dict[str, Any]:
+        """The facts after the run: the last facts given, with every effect applied."""
+        facts = copy.deepcopy(self.facts)
+        for kind, *details in self.effects:
+            if kind == "file":
+                path, content = details
+                facts = merge_facts(facts, file_facts({path: content}))
+            elif kind == "hold":
+                held = facts.get("facts.nvidia.HeldPackages") or []
+                facts["facts.nvidia.HeldPackages"] = sorted(set(held) | set(details))
+            elif kind == "unit":
+                fact, unit = details
+                facts[fact] = {**facts.get(fact, {}), unit: True}
+        return facts
 
     def get_fact(self, fact_cls: type, *args: Any, **kwargs: Any) -> Any:
         name: str = fact_cls.name  # type: ignore[attr-defined]
@@ -221,11 +273,13 @@ class Result:
     failed: bool = False
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)  # INFO lines the roles logged
+    end_facts: dict[str, Any] = field(default_factory=dict)
 
 
 class _Recorder(logging.Handler):
     def __init__(self) -> None:
-        super().__init__(level=logging.WARNING)
+        super().__init__(level=logging.INFO)
         self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -236,11 +290,15 @@ class _Recorder(logging.Handler):
 def _quiet_pyinfra() -> Iterator[_Recorder]:
     recorder = _Recorder()
     pyinfra_logger = logging.getLogger("pyinfra")
+    level = pyinfra_logger.level
+    # Unconfigured, the logger passes on WARNING and up only; the roles' notices are INFO.
+    pyinfra_logger.setLevel(logging.INFO)
     pyinfra_logger.addHandler(recorder)
     try:
         yield recorder
     finally:
         pyinfra_logger.removeHandler(recorder)
+        pyinfra_logger.setLevel(level)
 
 
 def run_case(case: Case, role: ModuleType) -> Result:
@@ -282,10 +340,15 @@ def run_case(case: Case, role: ModuleType) -> Result:
         outcome = real_run(command, *args, **kwargs)
         if REBOOT_COMMAND.search(text):
             facts.rebooted()
+        facts.command_ran(text)
+        op_hash = host.nested_executing_op_hash or host.executing_op_hash
+        if op_hash:
+            facts.operation_ran(op_name(op_hash))
         return outcome
 
     def put_file(filename_or_io: Any, remote_filename: str, *args: Any, **kwargs: Any) -> bool:
         record(f"upload {remote_filename}")
+        facts.wrote(remote_filename, _read(filename_or_io))
         return True
 
     real_function_execute = FunctionCommand.execute
@@ -316,4 +379,31 @@ def run_case(case: Case, role: ModuleType) -> Result:
         if r.levelno >= logging.ERROR and not PYINFRA_SUMMARY.search(r.getMessage())
     ]
     result.warnings = [r.getMessage() for r in logs.records if r.levelno == logging.WARNING]
+    result.notices = [r.getMessage() for r in logs.records if r.levelno == logging.INFO]
+    result.end_facts = facts.end_state()
     return result
+
+
+def _read(filename_or_io: Any) -> str:
+    """What an upload sends: pyinfra passes a file object (StringIO) or a local path."""
+    if hasattr(filename_or_io, "read"):
+        filename_or_io.seek(0)
+        data = filename_or_io.read()
+    else:
+        data = Path(filename_or_io).read_bytes()
+    return data.decode() if isinstance(data, bytes) else str(data)
+
+
+def second_run(case: Case, first: Result) -> Case:
+    """The same deploy again, on the node as FIRST left it (its `end_facts`)."""
+    data = {
+        key: case.data[key]
+        for key in ("spec", "node", "spec_overrides", "node_overrides")
+        if key in case.data
+    }
+    data |= {
+        "description": f"second run after {case.name}",
+        "facts": copy.deepcopy(first.end_facts),
+        "commands": {},
+    }
+    return Case(case.path.with_name(f"{case.path.stem}-second-run.json"), data)
