@@ -16,6 +16,9 @@ import dataclasses
 import ipaddress
 import json
 import runpy
+import shutil
+import subprocess
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,8 +42,18 @@ from infra.components import (  # noqa: E402
     GpuNodePool,
     GpuNodePoolArgs,
 )
+from infra.components.cluster import nvme_mount  # noqa: E402
+from infra.components.hosts import (  # noqa: E402
+    INSTANCE_STORE_DRIVES,
+    NVME_SCRIPT,
+    NVME_SCRIPT_PATH,
+    NVME_SERVICE,
+    gpu_user_data,
+    mount_unit_name,
+)
 from infra.pulumi_graph import render_tree, resource_graph  # noqa: E402
 from infra.spec import ClusterSpec, load_spec  # noqa: E402
+from infra.validators import ConfigRejected  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
 MAIN = PROJECT / "__main__.py"
@@ -96,6 +109,8 @@ def two_node_replica(data: dict[str, Any]) -> None:
 def without_efa_on_efs(data: dict[str, Any]) -> None:
     data["provider"]["aws"]["efa"] = False
     data["storage"][0]["kind"] = "efs"
+    # The model cache on the instance-store NVMe.
+    data["storage"][0]["local_cache"] = "/nvme/models"
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +204,7 @@ def gpu_group_admits_too_much(rec: Recording) -> Iterator[str]:
         {monitoring.node_exporter_port, monitoring.dcgm_exporter_port} if monitoring else set()
     )
     svc = sg_id(rec, "-svc-sg")
+    lustre = {sg_id(rec, f"-{s.name}-sg") for s in spec.storage if s.kind == "fsx-lustre"}
     for rule in rules_on(rec, gpu):
         cidr, source = rule.inputs.get("cidrIpv4"), rule.inputs.get("referencedSecurityGroupId")
         if rule.inputs["ipProtocol"] == "-1":
@@ -205,6 +221,9 @@ def gpu_group_admits_too_much(rec: Recording) -> Iterator[str]:
         elif any(covers(rule, p) for p in engine_ports):
             if source != lb:
                 yield f"{rule.name}: engine port from {source}, not the LB group"
+        elif source in lustre:
+            if (rule.inputs["fromPort"], rule.inputs["toPort"]) not in LUSTRE_RANGES:
+                yield f"{rule.name}: ports {rule.inputs['fromPort']}-{rule.inputs['toPort']} from storage"
         elif not (source == svc and rule.inputs["fromPort"] in metrics):
             yield f"{rule.name}: unexpected rule from {source}"
 
@@ -317,35 +336,92 @@ def lb_misconfigured(rec: Recording) -> Iterator[str]:
             yield f"{rule.name}: LB port from {rule.inputs.get('cidrIpv4')}"
 
 
-def storage_reachable_elsewhere(rec: Recording) -> Iterator[str]:
-    """Storage admits only the GPU subnet (and, for Lustre, its own servers)."""
+def storage_groups(rec: Recording) -> dict[str, str]:
+    """Storage name -> id of its security group, for every cloud file system of the spec."""
     spec = spec_of(rec)
-    assert spec.provider.aws is not None
-    gpu_subnet = str(spec.provider.aws.private_subnet_cidr)
-    storage_sgs = [sg_id(rec, f"-{s.name}-sg") for s in spec.storage]
-    if not storage_sgs:
+    return {
+        s.name: sg_id(rec, f"-{s.name}-sg") for s in spec.storage if s.kind in ("fsx-lustre", "efs")
+    }
+
+
+def storage_reachable_elsewhere(rec: Recording) -> Iterator[str]:
+    """Storage admits only the GPU nodes' group (and, for Lustre, its own servers): never a
+    CIDR, since the private subnet also holds the LB and monitoring instances and the NLB."""
+    gpu = sg_id(rec, "-gpu-sg")
+    groups = storage_groups(rec)
+    if not groups:
         yield "no storage security group"
-    for group in storage_sgs:
+    for group in groups.values():
         rules = rules_on(rec, group)
-        if not any(r.inputs.get("cidrIpv4") == gpu_subnet for r in rules):
-            yield f"{group}: the GPU subnet cannot mount"
+        if not any(r.inputs.get("referencedSecurityGroupId") == gpu for r in rules):
+            yield f"{group}: the GPU nodes cannot mount"
         for rule in rules:
-            if rule.inputs.get("cidrIpv4", gpu_subnet) != gpu_subnet:
+            source = rule.inputs.get("referencedSecurityGroupId")
+            if rule.inputs.get("cidrIpv4") is not None:
                 yield f"{rule.name}: from {rule.inputs['cidrIpv4']}"
-            if rule.inputs.get("referencedSecurityGroupId", group) != group:
-                yield f"{rule.name}: from group {rule.inputs['referencedSecurityGroupId']}"
+            if source not in (gpu, group):
+                yield f"{rule.name}: from group {source}"
     for fs in rec.of_type("aws:fsx/lustreFileSystem:LustreFileSystem"):
-        if (
-            fs.inputs["subnetIds"] != private_subnet(rec)
-            or fs.inputs["securityGroupIds"] != storage_sgs
+        if fs.inputs["subnetIds"] != private_subnet(rec) or fs.inputs["securityGroupIds"] != list(
+            groups.values()
         ):
             yield f"{fs.name}: subnet {fs.inputs['subnetIds']}, groups {fs.inputs['securityGroupIds']}"
     for target in rec.of_type("aws:efs/mountTarget:MountTarget"):
-        if (
-            target.inputs["subnetId"] != private_subnet(rec)
-            or target.inputs["securityGroups"] != storage_sgs
-        ):
+        if target.inputs["subnetId"] != private_subnet(rec) or target.inputs[
+            "securityGroups"
+        ] != list(groups.values()):
             yield f"{target.name}: subnet {target.inputs['subnetId']}"
+
+
+EGRESS = "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule"
+# AWS's FSx for Lustre guide ("File system access control with Amazon VPC"): TCP 988 and
+# 1018-1023, in and out, between the file system's group and itself and its clients' group.
+LUSTRE_RANGES = ((988, 988), (1018, 1023))
+
+
+def covers_range(rule: RecordedResource, low: int, high: int) -> bool:
+    if rule.inputs["ipProtocol"] == "-1":
+        return True
+    return bool(
+        rule.inputs["ipProtocol"] == "tcp"
+        and rule.inputs["fromPort"] <= low
+        and high <= rule.inputs["toPort"]
+    )
+
+
+def lustre_rules_incomplete(rec: Recording) -> Iterator[str]:
+    """Every Lustre port range open both ways between the file system's group and itself, and
+    between it and the GPU nodes' group, on both groups."""
+    gpu = sg_id(rec, "-gpu-sg")
+    filesystems = rec.of_type("aws:fsx/lustreFileSystem:LustreFileSystem")
+    if not filesystems:
+        yield "no Lustre file system"
+
+    def allows(direction: str, on: str, peer: str, low: int, high: int) -> bool:
+        for rule in rec.of_type(INGRESS if direction == "in" else EGRESS):
+            if rule.inputs["securityGroupId"] != on or not covers_range(rule, low, high):
+                continue
+            if rule.inputs.get("referencedSecurityGroupId") == peer:
+                return True
+            # The GPU group's egress to anywhere reaches the file system too.
+            if direction == "out" and rule.inputs.get("cidrIpv4") == "0.0.0.0/0":
+                return True
+        return False
+
+    for fs in filesystems:
+        (group,) = fs.inputs["securityGroupIds"]
+        for low, high in LUSTRE_RANGES:
+            wanted = [
+                ("in", group, group, "file system from itself"),
+                ("out", group, group, "file system to itself"),
+                ("in", group, gpu, "file system from the GPU nodes"),
+                ("out", group, gpu, "file system to the GPU nodes"),
+                ("in", gpu, group, "GPU nodes from the file system"),
+                ("out", gpu, group, "GPU nodes to the file system"),
+            ]
+            for direction, on, peer, what in wanted:
+                if not allows(direction, on, peer, low, high):
+                    yield f"{fs.name}: TCP {low}-{high} not open: {what}"
 
 
 def mentions(value: Any, needle: str) -> bool:
@@ -424,6 +500,7 @@ POLICIES: dict[str, Callable[[Recording], Iterator[str]]] = {
     "nat": nat_not_on_private_egress,
     "lb": lb_misconfigured,
     "storage": storage_reachable_elsewhere,
+    "lustre": lustre_rules_incomplete,
     "secret": ssh_key_exposed,
     "commands": commands_off_target,
     "placement": replica_split_across_placement,
@@ -452,9 +529,10 @@ AWS_COUNTS = {
     "aws:ec2/natGateway:NatGateway": 1,
     "aws:ec2/securityGroup:SecurityGroup": 4,
     # GPU: SSH, fabric; LB: API, engine; service: SSH, Grafana, Prometheus, 2 scrapes;
-    # storage: 2 Lustre ranges from the GPU subnet and from itself.
-    INGRESS: 13,
-    "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule": 4,
+    # storage: 2 Lustre ranges from the GPU group and from itself, and on the GPU group from it.
+    INGRESS: 15,
+    # GPU, LB, service: one each; storage: 2 Lustre ranges to the GPU group and to itself.
+    EGRESS: 7,
     "aws:ec2/launchTemplate:LaunchTemplate": 1,
     INSTANCE: 2,
     "aws:lb/loadBalancer:LoadBalancer": 1,
@@ -510,6 +588,27 @@ def test_aws_policy_holds(policy: str, stack: str, request: pytest.FixtureReques
     assert list(POLICIES[policy](rec)) == []
 
 
+@pytest.mark.parametrize("stack", ["aws", "aws_multinode"])
+def test_lustre_ports_open_both_ways_as_aws_documents(
+    stack: str, request: pytest.FixtureRequest
+) -> None:
+    rec: Recording = request.getfixturevalue(stack)
+    assert list(lustre_rules_incomplete(rec)) == []
+    # Nothing beyond the documented ports: the storage group's egress is Lustre only.
+    (fs,) = rec.of_type("aws:fsx/lustreFileSystem:LustreFileSystem")
+    egress = [
+        r
+        for r in rec.of_type(EGRESS)
+        if r.inputs["securityGroupId"] == fs.inputs["securityGroupIds"][0]
+    ]
+    assert sorted((r.inputs["fromPort"], r.inputs["toPort"]) for r in egress) == [
+        (988.0, 988.0),
+        (988.0, 988.0),
+        (1018.0, 1023.0),
+        (1018.0, 1023.0),
+    ]
+
+
 @pytest.mark.parametrize("policy", ["world", "secret", "commands"])
 def test_baremetal_policy_holds(policy: str, baremetal: Recording) -> None:
     assert list(POLICIES[policy](baremetal)) == []
@@ -539,13 +638,238 @@ def test_efa_interfaces_follow_the_instance_type(aws: Recording, aws_plain: Reco
     assert aws_plain.of_type("aws:ec2/launchTemplate:LaunchTemplate") == []
 
 
-def test_efs_variant_mounts_from_the_gpu_subnet_only(aws_plain: Recording) -> None:
+def test_efs_variant_mounts_from_the_gpu_group_only(aws_plain: Recording) -> None:
     (target,) = aws_plain.of_type("aws:efs/mountTarget:MountTarget")
     rules = rules_on(aws_plain, target.inputs["securityGroups"][0])
-    assert [(r.inputs["fromPort"], r.inputs["cidrIpv4"]) for r in rules] == [
-        (2049, "10.42.16.0/20")
+    assert [(r.inputs["fromPort"], r.inputs.get("referencedSecurityGroupId")) for r in rules] == [
+        (2049, sg_id(aws_plain, "-gpu-sg"))
     ]
     assert aws_plain.outputs["storage_mount_targets"]["models"].endswith(".amazonaws.com:/")
+
+
+# --- instance-store NVMe ----------------------------------------------------------------------
+
+
+def user_data(rec: Recording, node: str) -> str:
+    (instance,) = [r for r in rec.of_type(INSTANCE) if r.inputs["tags"]["Name"] == node]
+    return str(instance.inputs["userData"])
+
+
+def written_files(cloud_config: str) -> dict[str, str]:
+    assert cloud_config.startswith("#cloud-config\n")
+    return {f["path"]: f["content"] for f in yaml.safe_load(cloud_config)["write_files"]}
+
+
+def test_gpu_instances_make_their_nvme_into_the_model_cache(
+    aws: Recording, aws_plain: Recording
+) -> None:
+    for rec, mount, unit in (
+        (aws, "/nvme", "nvme.mount"),  # no local_cache: the default place
+        (aws_plain, "/nvme/models", "nvme-models.mount"),  # storage[0].local_cache
+    ):
+        config = yaml.safe_load(user_data(rec, "gpu-01"))
+        assert config["hostname"] == "gpu-01"
+        files = written_files(user_data(rec, "gpu-01"))
+        assert files[NVME_SCRIPT_PATH] == NVME_SCRIPT.read_text()
+        assert f"ExecStart={NVME_SCRIPT_PATH} 8\n" in files[f"/etc/systemd/system/{NVME_SERVICE}"]
+        mount_unit = files[f"/etc/systemd/system/{unit}"]
+        assert f"Where={mount}\n" in mount_unit
+        assert f"Requires={NVME_SERVICE}\n" in mount_unit
+        assert ["systemctl", "enable", "--now", unit] in config["runcmd"]
+    # Service instances have no instance store to prepare.
+    assert user_data(aws, "lb-01") == "#cloud-config\nhostname: lb-01\npreserve_hostname: false\n"
+
+
+def test_types_without_instance_store_get_only_a_hostname() -> None:
+    assert "p4d.24xlarge" in INSTANCE_STORE_DRIVES and "g6e.48xlarge" not in INSTANCE_STORE_DRIVES
+    assert gpu_user_data("gpu-01", 0, "/nvme") == (
+        "#cloud-config\nhostname: gpu-01\npreserve_hostname: false\n"
+    )
+
+
+def _with_caches(spec: ClusterSpec, *caches: str | None) -> ClusterSpec:
+    (store,) = spec.storage
+    stores = [
+        store.model_copy(update={"name": f"{store.name}{i}", "local_cache": cache})
+        for i, cache in enumerate(caches)
+    ]
+    return spec.model_copy(update={"storage": stores})
+
+
+def test_nvme_mount_follows_the_local_cache() -> None:
+    spec = load_spec(PROJECT / AWS_SPEC)
+    assert nvme_mount(spec) == "/nvme"
+    assert nvme_mount(_with_caches(spec, "/nvme/models/", None, "/nvme/models")) == "/nvme/models"
+    with pytest.raises(ValueError, match="same local_cache"):
+        nvme_mount(_with_caches(spec, "/nvme/a", "/nvme/b"))
+    with pytest.raises(ValueError, match="/var is a system directory"):
+        nvme_mount(_with_caches(spec, "/var"))
+
+
+@pytest.mark.parametrize("path", ["/nvme", "/nvme/models/", "/data/model-cache", "/x y/.z"])
+def test_mount_unit_names_match_systemd_escape(path: str) -> None:
+    escape = shutil.which("systemd-escape")
+    if escape is None:
+        pytest.skip("needs systemd-escape (systemd)")
+    expected = subprocess.run(
+        [escape, "--path", "--suffix=mount", path], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert mount_unit_name(path) == expected
+
+
+def _verify_units(files: dict[str, str]) -> None:
+    """`systemd-analyze verify` of the user data's units in a scratch root that also holds its
+    script, executable (`check_systemd_units` verifies every file it gets as a unit and writes
+    none executable, so it cannot take the script)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("needs systemd-analyze (systemd)")
+    with tempfile.TemporaryDirectory() as name:
+        root = Path(name)
+        shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+        for merged in ("lib", "bin", "sbin"):
+            (root / merged).symlink_to(f"usr/{merged}")
+        units = []
+        for path, content in files.items():
+            target = root / path.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(content)
+            if path == NVME_SCRIPT_PATH:
+                target.chmod(0o755)
+            else:
+                units.append(str(target))
+        result = subprocess.run(
+            [analyze, "verify", "--man=no", f"--root={root}", *units],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0 or result.stderr.strip():
+            raise ConfigRejected("systemd-analyze verify", ", ".join(files), result.stderr)
+
+
+@pytest.mark.validators
+def test_nvme_units_pass_systemd_analyze(aws_plain: Recording) -> None:
+    files = written_files(user_data(aws_plain, "gpu-01"))
+    _verify_units(files)
+    # The check can fail: a mount unit whose name does not match its Where= is refused.
+    broken = {p: c.replace("Where=/nvme/models", "Where=/nvme/other") for p, c in files.items()}
+    with pytest.raises(ConfigRejected, match="Where"):
+        _verify_units(broken)
+
+
+@pytest.mark.validators
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="needs shellcheck")
+def test_nvme_script_passes_shellcheck() -> None:
+    result = subprocess.run(["shellcheck", str(NVME_SCRIPT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+# The script run against a fake /sys and fake blkid/mdadm/mkfs.ext4/udevadm that log their
+# arguments; blkid answers from files in the state directory.
+FAKE_TOOLS = {
+    "blkid": """#!/bin/bash
+echo "blkid $*" >> "$STATE/log"
+if [ "$1" = -L ]; then [ -e "$STATE/made" ] && echo /dev/md/deepfleet-nvme && exit 0; exit 2; fi
+drive=${*: -1}
+sig="$STATE/signature-${drive##*/}"
+[ -e "$sig" ] || exit 2
+if [ "$2" = "-o" ] && [ "$3" = value ]; then sed -n 's/^TYPE=//p' "$sig"; else cat "$sig"; fi
+""",
+    "mdadm": """#!/bin/bash
+echo "mdadm $*" >> "$STATE/log"
+if [ "$1" = --assemble ]; then touch "$STATE/made"; fi
+""",
+    "mkfs.ext4": '#!/bin/bash\necho "mkfs.ext4 $*" >> "$STATE/log"\ntouch "$STATE/made"\n',
+    "udevadm": '#!/bin/bash\necho "udevadm $*" >> "$STATE/log"\n',
+}
+INSTANCE_STORE = "Amazon EC2 NVMe Instance Storage"
+
+
+def _run_nvme_script(
+    tmp_path: Path, drives: dict[str, str], expected: int, signatures: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    state, tools, sysfs = tmp_path / "state", tmp_path / "bin", tmp_path / "sys"
+    for directory in (state, tools):
+        directory.mkdir(exist_ok=True)
+    for name, body in FAKE_TOOLS.items():
+        (tools / name).write_text(body)
+        (tools / name).chmod(0o755)
+    for name, model in drives.items():
+        device = sysfs / "block" / name / "device"
+        device.mkdir(parents=True, exist_ok=True)
+        (device / "model").write_text(f"{model}\n")
+    for name, signature in (signatures or {}).items():
+        (state / f"signature-{name}").write_text(signature)
+    result = subprocess.run(
+        ["bash", str(NVME_SCRIPT), str(expected)],
+        capture_output=True,
+        text=True,
+        env={
+            "PATH": f"{tools}:/usr/bin:/bin",
+            "STATE": str(state),
+            "DEEPFLEET_SYSFS": str(sysfs),
+            "DEEPFLEET_NVME_WAIT_S": "0",
+        },
+        check=False,
+    )
+    log = state / "log"
+    return result, log.read_text().splitlines() if log.exists() else []
+
+
+P5_DRIVES = {
+    "nvme0n1": "Amazon Elastic Block Store",  # the root volume
+    **{f"nvme{i}n1": INSTANCE_STORE for i in range(1, 9)},
+}
+
+
+def test_nvme_script_builds_raid0_of_the_instance_store_once(tmp_path: Path) -> None:
+    result, log = _run_nvme_script(tmp_path, P5_DRIVES, 8)
+    assert result.returncode == 0, result.stderr
+    store = " ".join(f"/dev/nvme{i}n1" for i in range(1, 9))
+    assert (
+        "mdadm --create /dev/md/deepfleet-nvme --name=deepfleet-nvme --level=0 --raid-devices=8 "
+        f"--run {store}"
+    ) in log
+    assert "mkfs.ext4 -q -F -L deepfleet-nvme -m 0 -E nodiscard /dev/md/deepfleet-nvme" in log
+    assert not any("nvme0n1" in line for line in log), "the EBS root volume is never touched"
+    # Next boot: the file system is there; nothing is created again.
+    (tmp_path / "state" / "log").unlink()
+    result, log = _run_nvme_script(tmp_path, P5_DRIVES, 8)
+    assert result.returncode == 0
+    assert "nothing to do" in result.stdout
+    assert not any(line.startswith(("mdadm", "mkfs")) for line in log)
+
+
+def test_nvme_script_formats_a_single_drive_without_mdadm(tmp_path: Path) -> None:
+    result, log = _run_nvme_script(tmp_path, {"nvme1n1": INSTANCE_STORE}, 1)
+    assert result.returncode == 0, result.stderr
+    assert not any(line.startswith("mdadm") for line in log)
+    assert "mkfs.ext4 -q -F -L deepfleet-nvme -m 0 -E nodiscard /dev/nvme1n1" in log
+
+
+def test_nvme_script_assembles_the_array_after_a_reboot(tmp_path: Path) -> None:
+    members = {f"nvme{i}n1": "TYPE=linux_raid_member\n" for i in range(1, 9)}
+    result, log = _run_nvme_script(tmp_path, P5_DRIVES, 8, members)
+    assert result.returncode == 0, result.stderr
+    assert "mdadm --assemble --scan" in log
+    assert not any(line.startswith(("mdadm --create", "mkfs")) for line in log)
+
+
+def test_nvme_script_refuses_a_drive_in_use(tmp_path: Path) -> None:
+    result, log = _run_nvme_script(
+        tmp_path, P5_DRIVES, 8, {"nvme3n1": "DEVNAME=/dev/nvme3n1\nTYPE=xfs\n"}
+    )
+    assert result.returncode == 1
+    assert "/dev/nvme3n1 is not blank" in result.stderr and "wipefs" in result.stderr
+    assert not any(line.startswith(("mdadm", "mkfs")) for line in log)
+
+
+def test_nvme_script_says_when_drives_are_missing(tmp_path: Path) -> None:
+    result, log = _run_nvme_script(tmp_path, {"nvme0n1": "Amazon Elastic Block Store"}, 8)
+    assert result.returncode == 1
+    assert "found 0 instance-store NVMe drives (none), expected 8" in result.stderr
+    assert not any(line.startswith(("mdadm", "mkfs")) for line in log)
 
 
 # --- outputs feed pyinfra ---------------------------------------------------------------------
@@ -693,6 +1017,13 @@ def _edit(rec: Recording, pick: Callable[[RecordedResource], bool], **changes: A
     return dataclasses.replace(rec, resources=resources)
 
 
+def _drop(rec: Recording, suffix: str) -> Recording:
+    """A copy of `rec` without the one resource whose name ends with `suffix`."""
+    kept = [r for r in rec.resources if not r.name.endswith(suffix)]
+    assert len(kept) == len(rec.resources) - 1, suffix
+    return dataclasses.replace(rec, resources=kept)
+
+
 def _named(suffix: str) -> Callable[[RecordedResource], bool]:
     return lambda r: r.name.endswith(suffix)
 
@@ -768,10 +1099,42 @@ BREACHES: list[tuple[str, str, Callable[[Recording], Recording]]] = [
     ),
     ("lb", "aws", lambda rec: _edit(rec, _named("-lb-r1-listener"), port=80.0)),
     ("lb", "aws", lambda rec: _edit(rec, _named("-lb-nlb"), internal=False)),
+    # The first version: the whole private subnet (LB, monitoring, NLB too) could mount.
     (
         "storage",
         "aws",
-        lambda rec: _edit(rec, _named("-models-mount-988-0"), cidrIpv4="10.42.0.0/24"),
+        lambda rec: _edit(
+            rec,
+            _named("-models-gpu-988"),
+            referencedSecurityGroupId=None,
+            cidrIpv4="10.42.16.0/20",
+        ),
+    ),
+    (
+        "storage",
+        "aws",
+        lambda rec: _edit(
+            rec, _named("-models-gpu-1018"), referencedSecurityGroupId="example-aws-svc-sg-id"
+        ),
+    ),
+    (
+        "storage",
+        "aws_plain",
+        lambda rec: _edit(
+            rec,
+            _named("-models-gpu-2049"),
+            referencedSecurityGroupId=None,
+            cidrIpv4="10.42.16.0/20",
+        ),
+    ),
+    ("lustre", "aws", lambda rec: _drop(rec, "-models-client-1018")),
+    ("lustre", "aws", lambda rec: _drop(rec, "-models-to-gpu-988")),
+    ("lustre", "aws", lambda rec: _drop(rec, "-models-self-988")),
+    ("lustre", "aws", lambda rec: _edit(rec, _named("-models-to-self-1018"), toPort=1020.0)),
+    (
+        "gpu-group",
+        "aws",
+        lambda rec: _edit(rec, _named("-models-client-1018"), fromPort=0.0, toPort=65535.0),
     ),
     (
         "storage",

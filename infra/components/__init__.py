@@ -15,6 +15,7 @@ from infra.components.baremetal import (
 from infra.components.cluster import Cluster, ClusterArgs
 from infra.components.hosts import (
     EFA_INTERFACES,
+    INSTANCE_STORE_DRIVES,
     GpuHost,
     GpuHostArgs,
     GpuNodePool,
@@ -23,6 +24,7 @@ from infra.components.hosts import (
     ServiceHostArgs,
     ServicePool,
     ServicePoolArgs,
+    gpu_user_data,
 )
 from infra.components.load_balancer import LoadBalancer, LoadBalancerArgs, TargetDeployment
 from infra.components.nat import NatGateway, NatGatewayArgs
@@ -31,6 +33,7 @@ from infra.components.storage import SharedStorage, SharedStorageArgs
 
 __all__ = [
     "EFA_INTERFACES",
+    "INSTANCE_STORE_DRIVES",
     "BareMetalHost",
     "BareMetalHostArgs",
     "Cluster",
@@ -55,4 +58,5 @@ __all__ = [
     "SharedStorageArgs",
     "TargetDeployment",
     "bootstrap_script",
+    "gpu_user_data",
 ]

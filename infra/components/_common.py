@@ -57,6 +57,31 @@ def ingress(
     )
 
 
+def egress(
+    parent: pulumi.Resource,
+    name: str,
+    security_group_id: pulumi.Input[str],
+    *,
+    description: str,
+    from_port: int,
+    to_port: int | None = None,
+    destination_security_group_id: pulumi.Input[str],
+    cluster: str,
+) -> aws.vpc.SecurityGroupEgressRule:
+    """One TCP egress rule to another security group (or the same one)."""
+    return aws.vpc.SecurityGroupEgressRule(
+        name,
+        security_group_id=security_group_id,
+        description=description,
+        ip_protocol="tcp",
+        from_port=from_port,
+        to_port=to_port if to_port is not None else from_port,
+        referenced_security_group_id=destination_security_group_id,
+        tags=tags(cluster, name),
+        opts=child(parent),
+    )
+
+
 def egress_all(
     parent: pulumi.Resource,
     name: str,

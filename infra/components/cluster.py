@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import pulumi
 
 from infra.components.baremetal import BareMetalHost, BareMetalHostArgs, MaasMachineArgs
-from infra.components.hosts import GpuNodePool, GpuNodePoolArgs, ServicePool, ServicePoolArgs
+from infra.components.hosts import (
+    DEFAULT_NVME_MOUNT,
+    GpuNodePool,
+    GpuNodePoolArgs,
+    ServicePool,
+    ServicePoolArgs,
+)
 from infra.components.load_balancer import LoadBalancer, LoadBalancerArgs, TargetDeployment
 from infra.components.nat import NatGateway, NatGatewayArgs
 from infra.components.network import Network, NetworkArgs
@@ -22,6 +28,11 @@ from infra.components.storage import SharedStorage, SharedStorageArgs
 from infra.spec import GROUPS, AwsProvider, ClusterSpec, Node
 
 CLOUD_STORAGE_KINDS = ("fsx-lustre", "efs")
+# Mounting the instance store over one of these would hide the system.
+SYSTEM_DIRS = frozenset(
+    {"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/mnt", "/opt", "/proc", "/root"}
+    | {"/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/lib", "/var/cache"}
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,26 @@ def placement_groups(spec: ClusterSpec) -> dict[str, list[str]]:
         for i, replica in enumerate(d.replicas)
         if len(replica) > 1
     }
+
+
+def nvme_mount(spec: ClusterSpec) -> str:
+    """Where GPU instances mount their instance-store NVMe: the spec's model cache
+    (`storage[].local_cache`, one directory for every store), else `DEFAULT_NVME_MOUNT`."""
+    caches = sorted({s.local_cache.rstrip("/") or "/" for s in spec.storage if s.local_cache})
+    if not caches:
+        return DEFAULT_NVME_MOUNT
+    if len(caches) > 1:
+        raise ValueError(
+            f"storage[].local_cache: {', '.join(caches)}: the instance-store NVMe is one file "
+            f"system mounted at one place; give every store the same local_cache (models keep "
+            f"their own paths under it)"
+        )
+    if caches[0] in SYSTEM_DIRS:
+        raise ValueError(
+            f"storage[].local_cache: {caches[0]} is a system directory and the instance-store "
+            f"NVMe would be mounted over it; use a directory of its own, e.g. /nvme/models"
+        )
+    return caches[0]
 
 
 def _storage_address(node: Node, networks: list[str]) -> str:
@@ -133,6 +164,7 @@ class Cluster(pulumi.ComponentResource):
                 ssh_port=spec.site.ssh.port,
                 efa=aws_.efa,
                 placement_groups=placement_groups(spec),
+                nvme_mount=nvme_mount(spec),
             ),
             child,
         )
@@ -208,7 +240,9 @@ class Cluster(pulumi.ComponentResource):
                         vpc_id=network.vpc.id,
                         vpc_cidr=str(aws_.vpc_cidr),
                         subnet_ids=[network.private_subnet.id],
-                        client_cidrs=[str(aws_.private_subnet_cidr)],
+                        # The GPU nodes' group, not the private subnet: the LB and monitoring
+                        # instances share that subnet and have no business with the weights.
+                        client_security_group_id=pool.security_group.id,
                     ),
                     child,
                 )

@@ -7,15 +7,21 @@ security group: SSH only from the site's admin networks and all traffic within t
 With `efa`, the pool's launch template carries one EFA interface per network card of the
 instance type (`EFA_INTERFACES`), all in the private subnet with no public address. The nodes of
 a multi-node replica share one cluster placement group.
+
+Types with local NVMe instance store (`INSTANCE_STORE_DRIVES`) get user data that makes one
+ext4 file system of those drives (RAID0 when several) and mounts it at `nvme_mount`, the spec's
+model cache (`storage[].local_cache`): see `gpu_user_data` and docs/pulumi.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pulumi
 import pulumi_aws as aws
+import yaml
 
 from infra.components._common import ANYWHERE, child, egress_all, ingress, tags, token
 
@@ -30,9 +36,119 @@ EFA_INTERFACES: Mapping[str, int] = {
 }
 SERVICE_ROOT_VOLUME_GB = 100
 
+# Local NVMe instance-store drives per instance type, from the EC2 instance-type pages. Types
+# not listed get no NVMe preparation.
+INSTANCE_STORE_DRIVES: Mapping[str, int] = {
+    "p4d.24xlarge": 8,
+    "p4de.24xlarge": 8,
+    "p5.48xlarge": 8,
+    "p5e.48xlarge": 8,
+    "p5en.48xlarge": 8,
+}
+# Where the instance store is mounted when the spec names no local_cache.
+DEFAULT_NVME_MOUNT = "/nvme"
+NVME_SCRIPT = Path(__file__).with_name("nvme-raid.sh")
+NVME_SCRIPT_PATH = "/usr/local/sbin/deepfleet-nvme-raid"
+NVME_SERVICE = "deepfleet-nvme-raid.service"
+NVME_LABEL = "deepfleet-nvme"
+UNIT_DIR = "/etc/systemd/system"
+_UNESCAPED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:_.")
+
+
+def mount_unit_name(path: str) -> str:
+    """systemd's name for the mount unit of `path` (`systemd-escape --path --suffix=mount`): a
+    .mount unit only loads under the name that its Where= escapes to."""
+    trimmed = "/".join(part for part in path.split("/") if part)
+    if not trimmed:
+        return "-.mount"
+    escaped = "".join(
+        "-"
+        if char == "/"
+        else char
+        if char in _UNESCAPED and not (i == 0 and char == ".")
+        else "".join(f"\\x{byte:02x}" for byte in char.encode())
+        for i, char in enumerate(trimmed)
+    )
+    return f"{escaped}.mount"
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings as literal blocks, so the user data reads like the files it writes."""
+
+
+_BlockDumper.add_representer(
+    str,
+    lambda dumper, value: dumper.represent_scalar(
+        "tag:yaml.org,2002:str", value, style="|" if "\n" in value else None
+    ),
+)
+
 
 def _cloud_config(hostname: str) -> str:
     return f"#cloud-config\nhostname: {hostname}\npreserve_hostname: false\n"
+
+
+def gpu_user_data(hostname: str, drives: int, mount: str) -> str:
+    """Cloud-config for a GPU instance: its hostname and, with instance-store `drives`, the
+    script, service and mount unit that put them together at `mount` on every boot.
+
+    The mount is a systemd unit, not a one-off `mount`, so that the model cache unit's
+    `RequiresMountsFor=<local_cache>` (roles/model_storage.py) waits for it and never fills
+    the root volume under an empty mount point.
+    """
+    if drives == 0:
+        return _cloud_config(hostname)
+    mount_unit = mount_unit_name(mount)
+    service = (
+        "[Unit]\n"
+        "Description=Make one ext4 file system of the instance-store NVMe drives\n"
+        # Early boot, without default dependencies: some systemd versions order a local mount
+        # before local-fs.target even with nofail, and a service after sysinit.target would
+        # then make a cycle. It needs only udev and the drives.
+        "DefaultDependencies=no\n"
+        "After=systemd-udev-trigger.service systemd-remount-fs.service local-fs-pre.target\n"
+        f"Before={mount_unit} shutdown.target\n"
+        "Conflicts=shutdown.target\n"
+        "\n"
+        "[Service]\n"
+        "Type=oneshot\n"
+        "RemainAfterExit=yes\n"
+        f"ExecStart={NVME_SCRIPT_PATH} {drives}\n"
+    )
+    mount_text = (
+        "[Unit]\n"
+        f"Description=Instance-store NVMe RAID0 at {mount} (model cache)\n"
+        f"Requires={NVME_SERVICE}\n"
+        f"After={NVME_SERVICE}\n"
+        "\n"
+        "[Mount]\n"
+        f"What=/dev/disk/by-label/{NVME_LABEL}\n"
+        f"Where={mount}\n"
+        "Type=ext4\n"
+        # nofail: an instance whose drives are missing still boots, and is reachable to debug.
+        "Options=noatime,nofail\n"
+        "\n"
+        "[Install]\n"
+        "WantedBy=multi-user.target\n"
+    )
+    config = {
+        "hostname": hostname,
+        "preserve_hostname": False,
+        "write_files": [
+            {"path": NVME_SCRIPT_PATH, "permissions": "0755", "content": NVME_SCRIPT.read_text()},
+            {"path": f"{UNIT_DIR}/{NVME_SERVICE}", "permissions": "0644", "content": service},
+            {"path": f"{UNIT_DIR}/{mount_unit}", "permissions": "0644", "content": mount_text},
+        ],
+        # First boot: systemd read its units before cloud-init wrote these. Later boots start
+        # the mount (and so the service) from multi-user.target.
+        "runcmd": [
+            ["systemctl", "daemon-reload"],
+            ["systemctl", "enable", "--now", mount_unit],
+        ],
+    }
+    return "#cloud-config\n" + yaml.dump(
+        config, Dumper=_BlockDumper, sort_keys=False, default_flow_style=False, width=100
+    )
 
 
 @dataclass(frozen=True)
@@ -47,6 +163,9 @@ class GpuHostArgs:
     security_group_ids: Sequence[pulumi.Input[str]]
     launch_template_id: pulumi.Input[str] | None = None
     placement_group: pulumi.Input[str] | None = None
+    # Instance-store NVMe drives of the type (`INSTANCE_STORE_DRIVES`) and where they go.
+    nvme_drives: int = 0
+    nvme_mount: str = DEFAULT_NVME_MOUNT
 
 
 class GpuHost(pulumi.ComponentResource):
@@ -79,7 +198,7 @@ class GpuHost(pulumi.ComponentResource):
             metadata_options=aws.ec2.InstanceMetadataOptionsArgs(
                 http_tokens="required", http_endpoint="enabled"
             ),
-            user_data=_cloud_config(args.node),
+            user_data=gpu_user_data(args.node, args.nvme_drives, args.nvme_mount),
             tags=tags(args.cluster, args.node, {"deepfleet:group": "gpu"}),
             opts=child(self),
         )
@@ -102,6 +221,8 @@ class GpuNodePoolArgs:
     efa: bool = True
     # Placement group key -> the nodes of one multi-node replica.
     placement_groups: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    # Mount point of the instance-store NVMe file system (types in INSTANCE_STORE_DRIVES).
+    nvme_mount: str = DEFAULT_NVME_MOUNT
 
 
 class GpuNodePool(pulumi.ComponentResource):
@@ -192,6 +313,8 @@ class GpuNodePool(pulumi.ComponentResource):
                     security_group_ids=[sg],
                     launch_template_id=self.launch_template.id if self.launch_template else None,
                     placement_group=placement.name if placement else None,
+                    nvme_drives=INSTANCE_STORE_DRIVES.get(args.instance_type, 0),
+                    nvme_mount=args.nvme_mount,
                 ),
                 opts=child(self),
             )

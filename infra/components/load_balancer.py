@@ -6,6 +6,11 @@ the spec's load-balancer port, the next ones on the following ports. The LB's se
 admits the listener ports only from `allowed_cidrs`; the targets' security group admits the
 engine ports only from the LB's security group (load-balancer nodes carry it too, so HAProxy on
 them reaches the engines as well).
+
+Target groups are per deployment, not per replica: an NLB listener forwards to one target
+group, so a group per replica would need a port per replica and leave replica choice to the
+clients. Each replica's rank 0 is its own target, so health is still checked, and a failed
+replica taken out, per replica (docs/pulumi.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,14 @@
 """AWS shared storage for the model weights: FSx for Lustre (`fsx-lustre`) or EFS (`efs`).
 
-Its security group admits the file-system ports only from the GPU subnet(s); FSx for Lustre
-also needs its own servers to talk to each other, so its group admits Lustre traffic from itself.
+Only the GPU nodes mount it. Its security group admits the file-system ports from the GPU
+nodes' security group, not from a subnet: the private subnet also holds the load-balancer and
+monitoring instances and the NLB, which must not reach the weights.
+
+FSx for Lustre follows AWS's "File system access control with Amazon VPC" (FSx for Lustre User
+Guide): TCP 988 and 1018-1023 in both directions between the file system's group and itself
+(its servers talk to each other) and between it and the clients' group. Lustre servers open
+connections to clients too, so this component also adds those ports, from the file system's
+group only, to the clients' group; the clients' group already sends anything out.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from typing import Literal
 import pulumi
 import pulumi_aws as aws
 
-from infra.components._common import child, egress_all, ingress, tags, token
+from infra.components._common import child, egress, egress_all, ingress, tags, token
 
 LUSTRE_PORTS: tuple[tuple[int, int], ...] = ((988, 988), (1018, 1023))
 NFS_PORT = 2049
@@ -26,8 +33,8 @@ class SharedStorageArgs:
     vpc_id: pulumi.Input[str]
     vpc_cidr: str
     subnet_ids: Sequence[pulumi.Input[str]]
-    # The GPU subnets' CIDRs: the only clients.
-    client_cidrs: Sequence[str]
+    # The GPU nodes' security group: the only clients.
+    client_security_group_id: pulumi.Input[str]
     # FSx for Lustre only: capacity in GiB (1200 or a multiple of 2400 for PERSISTENT_2)
     # and throughput per TiB.
     capacity_gib: int = 2400
@@ -46,36 +53,65 @@ class SharedStorage(pulumi.ComponentResource):
         self.security_group = aws.ec2.SecurityGroup(
             f"{name}-sg",
             vpc_id=args.vpc_id,
+            # Kept as first written ("subnets"): a new description replaces the group, and with it
+            # the file system, whose security groups cannot change in place.
             description=f"deepfleet {args.kind} storage: mounts from the GPU subnets only",
             tags=tags(c, f"{name}-sg"),
             opts=child(self),
         )
         sg = self.security_group.id
-        egress_all(self, f"{name}-egress", sg, args.vpc_cidr, c)
-        ranges = LUSTRE_PORTS if args.kind == "fsx-lustre" else ((NFS_PORT, NFS_PORT),)
-        for low, high in ranges:
-            for i, cidr in enumerate(args.client_cidrs):
+        clients = args.client_security_group_id
+        peers: list[tuple[str, pulumi.Input[str], str]] = [
+            ("self", sg, "the file servers"),
+            ("gpu", clients, "the GPU nodes"),
+        ]
+        if args.kind == "fsx-lustre":
+            for low, high in LUSTRE_PORTS:
+                ports = f"{low}-{high}" if high != low else str(low)
+                for peer_name, peer, who in peers:
+                    ingress(
+                        self,
+                        f"{name}-{peer_name}-{low}",
+                        sg,
+                        description=f"Lustre TCP {ports} from {who}",
+                        from_port=low,
+                        to_port=high,
+                        source_security_group_id=peer,
+                        cluster=c,
+                    )
+                    egress(
+                        self,
+                        f"{name}-to-{peer_name}-{low}",
+                        sg,
+                        description=f"Lustre TCP {ports} to {who}",
+                        from_port=low,
+                        to_port=high,
+                        destination_security_group_id=peer,
+                        cluster=c,
+                    )
                 ingress(
                     self,
-                    f"{name}-mount-{low}-{i}",
-                    sg,
-                    description=f"{args.kind} ports {low}-{high} from GPU subnet {cidr}",
-                    from_port=low,
-                    to_port=high,
-                    cidr=cidr,
-                    cluster=c,
-                )
-            if args.kind == "fsx-lustre":
-                ingress(
-                    self,
-                    f"{name}-self-{low}",
-                    sg,
-                    description=f"Lustre ports {low}-{high} between the file servers",
+                    f"{name}-client-{low}",
+                    clients,
+                    description=f"Lustre TCP {ports} from the {args.kind} file servers",
                     from_port=low,
                     to_port=high,
                     source_security_group_id=sg,
                     cluster=c,
                 )
+        else:
+            ingress(
+                self,
+                f"{name}-gpu-{NFS_PORT}",
+                sg,
+                description=f"NFS TCP {NFS_PORT} from the GPU nodes",
+                from_port=NFS_PORT,
+                source_security_group_id=clients,
+                cluster=c,
+            )
+            # EFS mount targets only answer (security groups are stateful); unchanged from the
+            # first version, which allowed egress within the VPC.
+            egress_all(self, f"{name}-egress", sg, args.vpc_cidr, c)
         if args.kind == "fsx-lustre":
             lustre = aws.fsx.LustreFileSystem(
                 f"{name}-lustre",
