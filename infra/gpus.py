@@ -48,6 +48,8 @@ class GpuModel:
     aliases: tuple[str, ...] = ()
     acceptance: Mapping[str, float] | None = None
     """Measured burn-in thresholds; filled by the acceptance suite, never guessed here."""
+    listed: bool = True
+    """False for a card known only by its memory (`custom_gpu`): its other figures are guesses."""
 
     @property
     def memory_gb(self) -> float:
@@ -75,10 +77,11 @@ class GpuModel:
         )
 
 
-def custom_gpu(memory_gb: float) -> GpuModel:
-    """A GPU known only by its memory; assumes no FP8 so that sizing errs on the safe side."""
+def custom_gpu(memory_gb: float, name: str | None = None) -> GpuModel:
+    """A GPU known only by its memory (and the name the user gave it, if any); assumes no FP8
+    so that sizing errs on the safe side."""
     return GpuModel(
-        name=f"custom {memory_gb:g} GB",
+        name=name or f"custom {memory_gb:g} GB",
         label="unlisted GPU",
         memory_mib=round(memory_gb * GB / MIB),
         memory_type="unknown",
@@ -88,6 +91,7 @@ def custom_gpu(memory_gb: float) -> GpuModel:
         architecture="Ampere",
         interconnect="pcie",
         interconnect_gbps=0.0,
+        listed=False,
     )
 
 
@@ -323,8 +327,19 @@ def list_gpus() -> tuple[GpuModel, ...]:
     return CATALOG
 
 
-def resolve_gpu(name: str) -> GpuModel:
-    """Find a GPU by name or alias, ignoring case, spaces, dashes and a "GB"/"G" suffix."""
+CLI_UNLISTED_HINT = " (or give --gpu-memory GB for an unlisted card)"
+
+
+class GpuMemoryMismatch(UserError):
+    """A declared memory larger than the named board has."""
+
+
+def find_gpu(name: str) -> GpuModel | None:
+    """The catalog's GPU for a name or alias, or None when the catalog has no such card.
+
+    Raises UserError for a name that matches several boards ("A100"): guessing one would size
+    the wrong card.
+    """
     key = _key(name)
     found = _INDEX.get(key)
     if found is not None:
@@ -340,6 +355,15 @@ def resolve_gpu(name: str) -> GpuModel:
                 )
             ],
         )
+    return None
+
+
+def resolve_gpu(name: str) -> GpuModel:
+    """Find a GPU by name or alias, ignoring case, spaces, dashes and a "GB"/"G" suffix."""
+    found = find_gpu(name)
+    if found is not None:
+        return found
+    key = _key(name)
     close = difflib.get_close_matches(key, list(_INDEX), n=5, cutoff=0.5)
     # Several aliases of one card may match; name each card once, by its canonical name.
     cards = list(dict.fromkeys(_INDEX[c].name for c in close))[:3]
@@ -353,7 +377,77 @@ def resolve_gpu(name: str) -> GpuModel:
         [
             Problem(
                 f"{name!r} is not in the GPU catalog",
-                hint=hint + " (or give --gpu-memory GB for an unlisted card)",
+                hint=hint + CLI_UNLISTED_HINT,
             )
         ],
     )
+
+
+# --- memory a spec declares ---------------------------------------------------------------------
+
+LABEL_SLACK = 0.02
+"""How far a declared memory may stray from a board's own figures and still mean that board."""
+
+
+def label_band(gpu: GpuModel) -> tuple[float, float]:
+    """The memory figures (decimal GB) that name this board's full memory.
+
+    Vendors sell cards by a GiB-ish figure ("80 GB" for an H100 whose nvidia-smi total is
+    79.6 GiB), tools print decimal GB (85.5 GB): both, and anything between, mean the whole board.
+    """
+    return gpu.memory_gib * (1 - LABEL_SLACK), gpu.memory_gb * (1 + LABEL_SLACK)
+
+
+def declared_gpu(name: str, memory_gb: float | None) -> GpuModel:
+    """The GPU a spec's `gpus: {model, memory_gb}` describes, as sizing must see it.
+
+    * no memory_gb: the catalog's card (UserError when unknown or ambiguous);
+    * a catalog card and its own figure ("H100", 80): that card with the exact nvidia-smi
+      total, so a marketing figure does not shrink what sizing and mem_fraction_static see;
+    * a catalog card and less (a MIG slice, a vGPU profile, memory reserved by the platform):
+      that card with memory_gb;
+    * a catalog card and more: UserError, since no such board exists and sizing on the larger
+      figure would approve layouts that run out of memory when the weights load;
+    * an ambiguous name ("A100", 80): the board whose figure it is;
+    * a card the catalog lacks ("MI300X", 192): a custom card of that name and memory.
+    """
+    key = _key(name)
+    if memory_gb is not None and key in _AMBIGUOUS:
+        matching = [
+            gpu
+            for gpu in CATALOG
+            if gpu.name in _AMBIGUOUS[key] and _within(memory_gb, label_band(gpu))
+        ]
+        if len(matching) == 1:
+            return matching[0]
+    gpu = find_gpu(name)
+    if gpu is None:
+        if memory_gb is None:
+            return resolve_gpu(name)  # raises, with the nearest names
+        return custom_gpu(memory_gb, name=name)
+    if memory_gb is None:
+        return gpu
+    low, high = label_band(gpu)
+    if memory_gb > high:
+        others = [g.name for g in CATALOG if _within(memory_gb, label_band(g))]
+        nearest = difflib.get_close_matches(gpu.name, others, n=1, cutoff=0)
+        hint = (
+            f"did you mean model {nearest[0]!r}? (or drop memory_gb: the catalog knows the board)"
+            if nearest
+            else "drop memory_gb (the catalog knows the board), or correct the model"
+        )
+        raise GpuMemoryMismatch(
+            "GPU memory larger than the board",
+            [
+                Problem(
+                    f"memory_gb {memory_gb:g} is more than one {gpu.name} has "
+                    f"({gpu.memory_gb:.1f} GB, nvidia-smi {gpu.memory_mib} MiB)",
+                    hint=hint,
+                )
+            ],
+        )
+    return gpu if memory_gb >= low else gpu.with_memory_gb(memory_gb)
+
+
+def _within(value: float, band: tuple[float, float]) -> bool:
+    return band[0] <= value <= band[1]

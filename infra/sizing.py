@@ -314,13 +314,19 @@ def _warnings(
     total_nodes: int,
 ) -> list[str]:
     notes: list[str] = []
-    if dtype == "fp8" and not gpu.native_fp8:
+    if not gpu.listed:
+        # Its FP8 support and interconnect are unknown: the notes below would state guesses.
+        notes.append(
+            f"{gpu.name} is not in the GPU catalog: sized by its memory alone "
+            f"({gpu.memory_gb:.1f} GB); its speed, FP8 support and interconnect are unknown"
+        )
+    elif dtype == "fp8" and not gpu.native_fp8:
         notes.append(
             f"{gpu.name} ({gpu.architecture}) has no FP8 tensor cores: SGLang runs FP8 weights "
             "there only through slow weight-only kernels; serve an INT8 (W8A8) checkpoint "
             "instead (--dtype int8), as SGLang's table does for R1 on 16x A100"
         )
-    if kv_dtype.startswith("fp8") and not gpu.native_fp8:
+    if kv_dtype.startswith("fp8") and not gpu.native_fp8 and gpu.listed:
         notes.append(f"{gpu.name} has no FP8 tensor cores; an FP8 KV cache there is slow")
     if dtype != model.dtype:
         if dtype == "fp8" and model.dtype in ("bf16", "fp16") and gpu.native_fp8:
@@ -333,7 +339,7 @@ def _warnings(
             notes.append(
                 f"needs the weights converted to {dtype}; the published weights are {model.dtype}"
             )
-    if tp > 1 and gpu.interconnect == "pcie":
+    if tp > 1 and gpu.interconnect == "pcie" and gpu.listed:
         notes.append(
             f"{gpu.name} GPUs talk over PCIe only: tensor parallelism {tp} is bound by "
             "all-reduce; prefer data parallelism where the model fits on fewer GPUs"

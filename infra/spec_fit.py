@@ -6,17 +6,33 @@ importing this module registers its rules.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from infra.errors import UserError
-from infra.gpus import resolve_gpu
+from infra.gpus import (
+    CATALOG,
+    CLI_UNLISTED_HINT,
+    GpuMemoryMismatch,
+    GpuModel,
+    declared_gpu,
+)
 from infra.models import ModelArch, resolve_model
 from infra.sizing import DEFAULT_CONTEXT, SizingReport, check_deployment_fits
 from infra.spec_rules import Violation, rule
 
 if TYPE_CHECKING:
-    from infra.spec import ClusterSpec, Deployment, Node
+    from infra.spec import ClusterSpec, Deployment, Gpus, Node
+
+
+def node_gpu(gpus: Gpus) -> GpuModel:
+    """The GPU a node's `gpus:` section declares, memory_gb included (see
+    `infra.gpus.declared_gpu`). Raises UserError where `gpus_are_known` reports a violation."""
+    return declared_gpu(gpus.model, gpus.memory_gb)
+
+
+SPEC_UNLISTED_HINT = " (or set memory_gb to size a card the catalog lacks)"
 
 
 def _catalog_model(spec: ClusterSpec, deployment: Deployment) -> ModelArch | None:
@@ -42,7 +58,7 @@ def replica_sizing(
     if gpus is None:
         return None
     try:
-        gpu = resolve_gpu(gpus.model)
+        gpu = node_gpu(gpus)
     except UserError:
         return None  # reported by gpus_are_known
     return check_deployment_fits(
@@ -62,15 +78,18 @@ def gpus_are_known(spec: ClusterSpec) -> Iterator[Violation]:
         if node.gpus is None:
             continue
         try:
-            resolve_gpu(node.gpus.model)
+            node_gpu(node.gpus)
+        except GpuMemoryMismatch as error:
+            problem = error.problems[0]
+            yield Violation(("nodes", i, "gpus", "memory_gb"), problem.message, problem.hint)
         except UserError as error:
-            hint = (error.problems[0].hint or "") if error.problems else ""
-            # The catalog's hint also mentions a CLI flag; keep only the suggestion here.
-            suggestion = hint.split(" (or give")[0] or None
+            hint = error.problems[0].hint if error.problems else None
+            # The catalog's hint names the CLI flag; in a spec, memory_gb does that job.
+            hint = (hint or "").replace(CLI_UNLISTED_HINT, SPEC_UNLISTED_HINT)
             yield Violation(
                 ("nodes", i, "gpus", "model"),
-                f"unknown GPU model {node.gpus.model!r}",
-                suggestion or "see infra/gpus.py for the GPU catalog",
+                f"{error.title} {node.gpus.model!r}",
+                hint or "see infra/gpus.py for the GPU catalog",
             )
 
 
@@ -95,6 +114,16 @@ def deployments_fit(spec: ClusterSpec) -> Iterator[Violation]:
             yield Violation(
                 ("deployments", i, "replicas", r),
                 f"{arch.name} does not fit replica {r + 1}: {report.reason}",
-                f"`deepfleet size --model {arch.hf_id} --gpu {report.gpu} "
-                f"--gpus-per-node {report.gpus_per_node}` shows what would",
+                f"`{_size_command(spec, arch, replica[0], report)}` shows what would",
             )
+
+
+def _size_command(spec: ClusterSpec, arch: ModelArch, node: str, report: SizingReport) -> str:
+    """The `deepfleet size` line that sizes the same model on the same GPUs as the spec."""
+    gpus = spec.node(node).gpus
+    if gpus is None:  # not reached: replica_sizing needs gpus
+        return f"deepfleet size --model {arch.hf_id} --gpu {report.gpu}"
+    command = f"deepfleet size --model {arch.hf_id} --gpu {shlex.quote(gpus.model)}"
+    if gpus.memory_gb is not None and node_gpu(gpus) not in CATALOG:
+        command += f" --gpu-memory {gpus.memory_gb:g}"
+    return command + f" --gpus-per-node {gpus.count}"

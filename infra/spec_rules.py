@@ -361,6 +361,19 @@ def deployments_have_hardware(spec: ClusterSpec) -> Iterator[Violation]:
             yield from _replica_gpus(spec, i, r)
         if deployment.dist_port == deployment.port:
             yield Violation(("deployments", i, "dist_port"), "dist_port equals the serving port")
+        parallel = deployment.parallelism
+        if parallel.dp_attention and parallel.dp == 1:
+            # SGLang would run plain tensor parallelism: one attention group is no DP attention,
+            # and the memory and throughput the user planned for would silently not happen.
+            yield Violation(
+                ("deployments", i, "parallelism", "dp_attention"),
+                "dp_attention needs dp > 1: with dp 1 attention is not split and the engine "
+                "runs plain tensor parallelism",
+                f"set dp to the number of attention groups (dp: {parallel.tp} gives each GPU "
+                "its own, as SGLang's DeepSeek recipes do), or remove dp_attention"
+                if parallel.tp > 1
+                else "remove dp_attention (it splits attention over the tp GPUs; tp is 1)",
+            )
         if deployment.disaggregation is not None:
             prefill = deployment.disaggregation.prefill_replicas
             for k, index in enumerate(prefill):
@@ -459,6 +472,22 @@ def ports_do_not_collide(spec: ClusterSpec) -> Iterator[Violation]:
             f"deployment {deployment.name} (NCCL init)",
             ("deployments", i, "dist_port"),
         )
+        disaggregation = deployment.disaggregation
+        if disaggregation is not None:
+            # The prefill engines listen on it (decode engines connect to it), on every node
+            # of the replica as with the serving port.
+            prefill = [
+                n
+                for number, replica in enumerate(deployment.replicas, start=1)
+                if number in disaggregation.prefill_replicas
+                for n in replica
+            ]
+            claim(
+                prefill,
+                disaggregation.bootstrap_port,
+                f"deployment {deployment.name} (prefill/decode bootstrap)",
+                ("deployments", i, "disaggregation", "bootstrap_port"),
+            )
     lb = spec.load_balancer
     if lb is not None:
         claim(lb.nodes, lb.port, "load balancer", ("load_balancer", "port"))
@@ -543,3 +572,80 @@ def engine_args_are_known(spec: ClusterSpec) -> Iterator[Violation]:
                     f"{token.partition('=')[0]} is set by deepfleet from the spec",
                     f"use {MANAGED_FLAGS[flag.dest]} instead of extra_args",
                 )
+
+
+# A stand-in for addresses only Pulumi knows (cloud nodes): the check reads the command's shape.
+_PLACEHOLDER_ADDRESS = "192.0.2.1"
+# The deployment setting each spec-derived engine flag comes from (by sglang dest), so that a
+# bad rendered value points at the line to change; other flags point at the deployment.
+_SETTING_OF_FLAG: dict[str, SpecPath] = {
+    "tp_size": ("parallelism", "tp"),
+    "dp_size": ("parallelism", "dp"),
+    "attn_dp_size": ("parallelism", "dp"),
+    "ep_size": ("parallelism", "ep"),
+    "port": ("port",),
+    "context_length": ("context_length",),
+    "max_running_requests": ("max_running_requests",),
+    "mem_fraction_static": ("mem_fraction_static",),
+    "dist_timeout": ("dist_timeout_s",),
+    "disaggregation_transfer_backend": ("disaggregation", "transfer_backend"),
+    "disaggregation_bootstrap_port": ("disaggregation", "bootstrap_port"),
+}
+
+
+@rule
+def engine_commands_are_valid(spec: ClusterSpec) -> Iterator[Violation]:
+    """Every engine command the spec produces (infra/sglang.py) passes the pinned sglang's
+    parser and our semantic checks, whenever the sglang source is installed.
+
+    Spec fields are checked one by one elsewhere; this catches what only the assembled command
+    shows (a value rendered out of range, flags that contradict each other), before a node
+    starts an engine that exits on its arguments.
+    """
+    if not spec.deployments or not _launchable(spec):
+        return
+    # Imported here: infra.sglang imports infra.spec, which imports this module.
+    from infra.sglang import launches_for_spec
+    from infra.sglang_flags import SglangNotInstalled, engine_arg_problems, known_flags, sglang_root
+
+    try:
+        sglang_root()
+    except SglangNotInstalled:
+        return  # validation must work without the engine's source; tests and CI install it
+    addresses = {n.name: _PLACEHOLDER_ADDRESS for n in spec.nodes if n.address is None}
+    index = {d.name: i for i, d in enumerate(spec.deployments)}
+    reported: set[tuple[str, str]] = set()
+    for launch in launches_for_spec(spec, addresses):
+        deployment = spec.deployments[index[launch.deployment]]
+        # extra_args problems are engine_args_are_known's, pointed at the exact item there.
+        own = {str(p) for p in engine_arg_problems(deployment.extra_args, complete=False)}
+        for problem in engine_arg_problems(launch.engine_args):
+            key = (launch.deployment, str(problem))
+            if str(problem) in own or key in reported:
+                continue
+            reported.add(key)
+            path: SpecPath = ("deployments", index[launch.deployment])
+            if problem.index is not None:
+                flag = known_flags().get(launch.engine_args[problem.index].partition("=")[0])
+                path += _SETTING_OF_FLAG.get(flag.dest, ()) if flag else ()
+            yield Violation(
+                path,
+                f"the engine command for replica {launch.replica} rank {launch.rank} "
+                f"(node {launch.node!r}) is invalid: {problem.message}",
+                problem.hint or "fix the spec value that produces this flag",
+            )
+
+
+def _launchable(spec: ClusterSpec) -> bool:
+    """Whether infra/sglang.py can build every launch: the references it follows exist. Where
+    they do not, the rules above report why."""
+    nodes = {n.name for n in spec.nodes}
+    models = {m.name: m for m in spec.models}
+    storage = {s.name for s in spec.storage}
+    for deployment in spec.deployments:
+        model = models.get(deployment.model)
+        if model is None or model.storage not in storage:
+            return False
+        if any(not replica or not set(replica) <= nodes for replica in deployment.replicas):
+            return False
+    return True

@@ -493,3 +493,40 @@ def test_flag_info_is_hashable_and_frozen() -> None:
     assert isinstance(flag, FlagInfo)
     with pytest.raises(AttributeError):
         flag.name = "--x"  # type: ignore[misc]
+
+
+# --- the whole generated command, checked at validation (rule engine_commands_are_valid) --------
+
+
+def _spec_with_fraction(tmp_path: Path, fraction: str) -> Path:
+    # 0.999 passes the field's own check (0 < x < 1) and renders as --mem-fraction-static 1.00.
+    text = (FIXTURES / "cluster.yaml").read_text(encoding="utf-8")
+    assert "mem_fraction_static: 0.8\n" in text
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        text.replace("mem_fraction_static: 0.8\n", f"mem_fraction_static: {fraction}\n")
+    )
+    return path
+
+
+def test_generated_command_is_checked_at_validation(tmp_path: Path) -> None:
+    path = _spec_with_fraction(tmp_path, "0.999")
+    with pytest.raises(UserError) as caught:
+        load_spec(path)
+    [problem] = caught.value.problems
+    assert problem.path == "deployments[1].mem_fraction_static"
+    assert problem.message == (
+        "the engine command for replica 1 rank 0 (node 'h200-02') is invalid: "
+        "--mem-fraction-static must be between 0 and 1 (exclusive), not 1"
+    )
+    assert problem.line == _line(path, "mem_fraction_static: 0.999")
+    assert load_spec(_spec_with_fraction(tmp_path, "0.95")).deployments
+
+
+def test_generated_command_check_needs_the_sglang_source(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Without the source there is nothing to check against; validation goes on without it.
+    path = _spec_with_fraction(tmp_path, "0.999")
+    monkeypatch.setattr(sglang_flags.importlib.util, "find_spec", lambda name: None)
+    assert load_spec(path).deployments

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from infra.cli import main
-from infra.gpus import custom_gpu, resolve_gpu
+from infra.errors import UserError
+from infra.gpus import GpuMemoryMismatch, custom_gpu, declared_gpu, resolve_gpu
 from infra.models import resolve_model
 from infra.sizing import (
     MOE_RUNTIME_FRACTION,
@@ -363,3 +364,67 @@ def test_reports_are_dataclasses_with_reasons() -> None:
     report = size_model("qwen-7b", "A10", gpus_per_node=1)
     assert isinstance(report, SizingReport) and report.reason.startswith("DeepSeek-R1-Distill")
     assert resolve_gpu("A10").memory_gb > report.required_gb
+
+
+def test_cli_unlisted_gpu_name_with_memory_is_a_custom_card(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = _run(
+        capsys,
+        *("--model", "r1", "--gpu", "MI300X", "--gpu-memory", "192"),
+        *("--gpus-per-node", "8", "--json"),
+    )
+    data = json.loads(out)
+    assert code == 0 and data["gpu"] == "MI300X" and data["available_gb"] == 1536.0
+    assert any("MI300X is not in the GPU catalog" in w for w in data["warnings"])
+    # Nothing is known about its FP8 units: no claim about them either way.
+    assert not any("FP8 tensor cores" in w for w in data["warnings"])
+
+
+def test_cli_unlisted_gpu_name_without_memory_exits_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, _, err = _run(capsys, "--model", "r1", "--gpu", "MI300X", "--gpus-per-node", "8")
+    assert code == 2 and "--gpu-memory" in err
+
+
+# --- memory declared next to a GPU name (a spec's nodes[].gpus) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "memory_gb", "expected_gb"),
+    [
+        ("H100", None, 85.52),
+        ("H100", 80, 85.52),  # the figure it is sold by
+        ("H100", 85.5, 85.52),  # the figure nvidia-smi gives, in GB
+        ("H200", 141, 150.76),
+        ("L40S", 48, 48.31),
+        ("B200", 192, 192.27),
+        ("H100", 40, 40.0),  # a MIG slice or vGPU profile: what the engine sees
+        ("L40S", 12, 12.0),
+        ("A100", 40, 42.95),  # ambiguous by name, not by memory
+        ("MI300X", 192, 192.0),
+    ],
+)
+def test_declared_gpu_memory(name: str, memory_gb: float | None, expected_gb: float) -> None:
+    assert declared_gpu(name, memory_gb).memory_gb == pytest.approx(expected_gb, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("name", "memory_gb", "error"),
+    [
+        ("L40S", 96, "larger than the board"),
+        ("H100", 141, "larger than the board"),
+        ("MI300X", None, "unknown GPU model"),
+        ("A100", 60, "ambiguous GPU model"),
+    ],
+)
+def test_declared_gpu_memory_rejected(name: str, memory_gb: float | None, error: str) -> None:
+    with pytest.raises(UserError, match=error):
+        declared_gpu(name, memory_gb)
+
+
+def test_declared_gpu_memory_above_the_board_names_the_board_that_has_it() -> None:
+    with pytest.raises(GpuMemoryMismatch) as raised:
+        declared_gpu("H100", 94)
+    assert "did you mean model 'H100-NVL'?" in (raised.value.problems[0].hint or "")

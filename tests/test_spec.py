@@ -9,11 +9,15 @@ import pytest
 
 from infra.cli import main
 from infra.errors import UserError
+from infra.sizing import SizingReport
 from infra.spec import load_spec
+from infra.spec_fit import replica_sizing
 from tests.conftest import EXAMPLE_SPECS, HOSTS
 
 BASE = (HOSTS / "example-baremetal.yaml").read_text()
 LAB = (HOSTS / "lab.yaml").read_text()
+# Has a prefill/decode pair and a DP-attention deployment, which the bare-metal example lacks.
+LAYOUTS = (Path(__file__).parent / "fixtures" / "sglang" / "cluster.yaml").read_text()
 
 
 @pytest.mark.parametrize("path", EXAMPLE_SPECS, ids=lambda p: p.name)
@@ -303,11 +307,75 @@ CASES = [
         also=("parallelism: {tp: 4}", "parallelism: {tp: 3}"),
     ),
     Case(
+        # Without memory_gb: with it, an unlisted name is sized as a custom card.
         "unknown-gpu-model",
-        "gpus: {model: L40S, count: 4",
+        "gpus: {model: L40S, count: 4, memory_gb: 48",
         "gpus: {model: L40X, count: 4",
         "unknown GPU model 'L40X'",
         "model: L40X",
+    ),
+    Case(
+        "unknown-gpu-model-hints-memory-gb",
+        "gpus: {model: L40S, count: 4, memory_gb: 48",
+        "gpus: {model: L40X, count: 4",
+        "or set memory_gb to size a card the catalog lacks",
+        "model: L40X",
+    ),
+    Case(
+        "gpu-memory-above-the-board",
+        "gpus: {model: L40S, count: 4, memory_gb: 48",
+        "gpus: {model: L40S, count: 4, memory_gb: 96",
+        "memory_gb 96 is more than one L40S has (48.3 GB",
+        "memory_gb: 96",
+    ),
+    Case(
+        "gpu-memory-above-the-board-suggests-the-board",
+        "gpus: &h100x8 {model: H100, count: 8, memory_gb: 80",
+        "gpus: &h100x8 {model: H100, count: 8, memory_gb: 94",
+        "did you mean model 'H100-NVL'?",
+        "memory_gb: 94",
+    ),
+    Case(
+        # Below the board's own figure: a vGPU profile or MIG slice, sized as declared.
+        "gpu-memory-reservation-is-sized",
+        "gpus: {model: L40S, count: 4, memory_gb: 48",
+        "gpus: {model: L40S, count: 4, memory_gb: 12",
+        "but L40S (12 GB) has",
+        "[[gpu-03]]",
+    ),
+    Case(
+        "bootstrap-port-is-the-serving-port",
+        "disaggregation: {prefill_replicas: [1]}",
+        "disaggregation: {prefill_replicas: [1], bootstrap_port: 30000}",
+        "port 30000 on node 'h200-03' is already used by deployment r1-pd",
+        "bootstrap_port: 30000",
+        base=LAYOUTS,
+    ),
+    Case(
+        "bootstrap-port-is-ssh",
+        "disaggregation: {prefill_replicas: [1]}",
+        "disaggregation: {prefill_replicas: [1], bootstrap_port: 22}",
+        "port 22 on node 'h200-03' is already used by ssh",
+        "bootstrap_port: 22",
+        base=LAYOUTS,
+    ),
+    Case(
+        "dp-attention-without-dp",
+        "parallelism: {tp: 8, dp: 8, dp_attention: true}",
+        "parallelism: {tp: 8, dp_attention: true}",
+        "dp_attention needs dp > 1",
+        "parallelism: {tp: 8, dp_attention: true}",
+        base=LAYOUTS,
+    ),
+    Case(
+        # Valid for the field (0 < x < 1) but rendered with two decimals: --mem-fraction-static
+        # 1.00, which only the generated command shows.
+        "generated-engine-command-is-checked",
+        "mem_fraction_static: 0.8",
+        "mem_fraction_static: 0.999",
+        "--mem-fraction-static must be between 0 and 1 (exclusive), not 1",
+        "mem_fraction_static: 0.999",
+        base=LAYOUTS,
     ),
     Case(
         "lab-host-address-outside",
@@ -410,3 +478,63 @@ def test_all_problems_reported_at_once(tmp_path: Path) -> None:
     with pytest.raises(UserError) as raised:
         load_spec(path)
     assert len(raised.value.problems) >= 2
+
+
+# --- GPU memory declared in the spec (nodes[].gpus.memory_gb) ----------------------------------
+
+
+def _sizing_of(text: str, tmp_path: Path, deployment: str = "r1") -> SizingReport:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    spec = load_spec(path)
+    chosen = next(d for d in spec.deployments if d.name == deployment)
+    report = replica_sizing(spec, chosen, chosen.replicas[0])
+    assert report is not None
+    return report
+
+
+def test_unlisted_gpu_with_memory_is_sized_as_a_custom_card(tmp_path: Path) -> None:
+    text = BASE.replace(
+        "{model: H100, count: 8, memory_gb: 80,", "{model: MI300X, count: 8, memory_gb: 192,"
+    )
+    report = _sizing_of(text, tmp_path)
+    assert report.fits and report.gpu == "MI300X"
+    assert report.gpu_memory_gb == pytest.approx(192, abs=0.01)
+    assert any("not in the GPU catalog" in w for w in report.warnings)
+
+
+def test_unlisted_gpu_too_small_names_the_size_command(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        BASE.replace(
+            "{model: H100, count: 8, memory_gb: 80,", "{model: MI50, count: 8, memory_gb: 32,"
+        )
+    )
+    with pytest.raises(UserError) as raised:
+        load_spec(path)
+    # The hint's command must run: the unlisted name needs the memory with it.
+    assert (
+        "deepfleet size --model deepseek-ai/DeepSeek-R1 --gpu MI50 --gpu-memory 32 "
+        "--gpus-per-node 8" in raised.value.render()
+    )
+
+
+def test_board_figure_sizes_with_the_nvidia_smi_total(tmp_path: Path) -> None:
+    # "80" is how an H100 is sold; the engine sees 81559 MiB = 85.5 GB, and so does sizing.
+    assert "memory_gb: 80" in BASE
+    assert _sizing_of(BASE, tmp_path).gpu_memory_gb == pytest.approx(85.52, abs=0.01)
+
+
+def test_smaller_memory_than_the_board_is_what_sizing_uses(tmp_path: Path) -> None:
+    text = BASE.replace(
+        "{model: H100, count: 8, memory_gb: 80,", "{model: H100, count: 8, memory_gb: 70,"
+    )
+    report = _sizing_of(text, tmp_path)
+    assert report.gpu == "H100 (70 GB)" and report.gpu_memory_gb == pytest.approx(70, abs=0.01)
+
+
+def test_ambiguous_gpu_resolved_by_its_memory(tmp_path: Path) -> None:
+    text = BASE.replace(
+        "{model: H100, count: 8, memory_gb: 80,", "{model: A100, count: 8, memory_gb: 80,"
+    )
+    assert _sizing_of(text, tmp_path).gpu == "A100-80G"

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from infra.errors import Problem, UserError
-from infra.gpus import GpuModel, custom_gpu, resolve_gpu
+from infra.gpus import GpuModel, custom_gpu, find_gpu, resolve_gpu
 from infra.models import resolve_model
 from infra.sizing import DEFAULT_CONCURRENCY, DEFAULT_CONTEXT, SizingReport, size_model
 
@@ -36,7 +36,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         required=True,
         help="HF id, alias (r1, qwen-7b, ...) or a directory with config.json",
     )
-    parser.add_argument("--gpu", help="GPU model, e.g. H200, H100, H20, A100-80G, L40S, 4090")
+    parser.add_argument(
+        "--gpu",
+        help="GPU model, e.g. H200, H100, H20, A100-80G, L40S, 4090 (another name with --gpu-memory)",
+    )
     parser.add_argument(
         "--gpu-memory",
         type=float,
@@ -76,7 +79,13 @@ def _gpu(name: str | None, memory_gb: float | None) -> GpuModel:
                 [Problem("size needs a GPU", hint="add --gpu H200 (or --gpu-memory GB)")],
             )
         return custom_gpu(memory_gb)
-    gpu = resolve_gpu(name)
+    gpu = find_gpu(name)
+    if gpu is None:
+        if memory_gb is None:
+            return resolve_gpu(name)  # raises: unknown, with the nearest names
+        # A card the catalog lacks (MI300X, A800...): --gpu-memory is all sizing needs, and the
+        # report's note says that nothing else about the card is known.
+        return custom_gpu(memory_gb, name=name)
     return gpu if memory_gb is None else gpu.with_memory_gb(memory_gb)
 
 
