@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
 from infra.errors import Problem, UserError
+from infra.gpus import declared_gpu
 from infra.models import ModelArch, resolve_model
 from infra.sglang_flags import LAUNCH_PREFIX
 from infra.sizing import DEFAULT_CONTEXT, check_deployment_fits
@@ -297,7 +298,11 @@ def _sized_mem_fraction(
     arch = _arch(model)
     if node.gpus is None or arch is None:
         return None
-    gpu = node.gpus.model
+    try:
+        # The card as the spec declares it: memory_gb may be a slice of the board (MIG, vGPU).
+        gpu = declared_gpu(node.gpus.model, node.gpus.memory_gb)
+    except UserError:
+        return None  # an unknown card: the spec rules report it
     report = check_deployment_fits(
         arch,
         gpu,

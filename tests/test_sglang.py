@@ -530,3 +530,24 @@ def test_generated_command_check_needs_the_sglang_source(
     path = _spec_with_fraction(tmp_path, "0.999")
     monkeypatch.setattr(sglang_flags.importlib.util, "find_spec", lambda name: None)
     assert load_spec(path).deployments
+
+
+def test_mem_fraction_follows_the_declared_gpu_memory() -> None:
+    """An L40S declared with 40 GB (a vGPU slice) gives the engine another memory fraction."""
+    data = load_spec(PROJECT / "hosts/example-baremetal.yaml").model_dump(
+        mode="json", exclude_defaults=True
+    )
+
+    def fractions(document: dict[str, object]) -> set[str]:
+        found = set()
+        for launch in launches_for_spec(ClusterSpec.model_validate(document)):
+            line = " ".join(launch.container_args)
+            if "--mem-fraction-static" in line:
+                found.add(line.split("--mem-fraction-static", 1)[1].split()[0])
+        return found
+
+    board = fractions(data)
+    for node in data["nodes"]:  # type: ignore[attr-defined]
+        if node.get("gpus", {}).get("model") == "L40S":
+            node["gpus"]["memory_gb"] = 40
+    assert board and fractions(data) != board
