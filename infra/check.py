@@ -18,6 +18,7 @@ balancer. Exit codes of the command: 0 all pass, 1 a check failed, 2 bad input o
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import os
@@ -44,6 +45,7 @@ from infra.acceptance.verdict import (
     Status,
     Verdict,
     evaluate,
+    evaluate_multi_node_allreduce,
 )
 from infra.errors import Problem, UserError
 from infra.spec import ClusterSpec, Node, SecretRef
@@ -1059,6 +1061,201 @@ def run_burnin(spec: ClusterSpec, node: Node, image: str, runner: Runner = _run)
     return report if isinstance(report, dict) else {"errors": ["burn-in report is not an object"]}
 
 
+# --- the all-reduce across the nodes of a multi-node replica ---------------------------------------
+
+ALLREDUCE_TIMEOUT_S = 900
+"""SSH limit per node: container start, the rendezvous (burnin.RENDEZVOUS_TIMEOUT_S) and the
+sweep, which takes seconds; a node that hangs longer is reported, not waited for."""
+FREE_PORT_COMMAND = "python3 -c " + shlex.quote(
+    "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
+)
+
+
+@dataclass(frozen=True)
+class ReplicaNodes:
+    """A replica that spans several nodes: what its all-reduce check needs from the spec."""
+
+    deployment: str
+    replica: int
+    nodes: tuple[str, ...]
+    """In rank order: nodes[0] is node rank 0, which hosts the rendezvous."""
+    master_addr: str
+    """Rank 0's address on the network the engine's NCCL uses (its --dist-init-addr host)."""
+    env: Mapping[str, Mapping[str, str]]
+    """Per node: the engine's NCCL environment (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...)."""
+    rdma: frozenset[str]
+    """Nodes with RDMA ports: their container gets /dev/infiniband, as the engine's does."""
+    image: str
+    gpu_model: str | None
+    gpus_per_node: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.deployment} replica {self.replica}"
+
+
+def multi_node_replicas(spec: ClusterSpec) -> list[ReplicaNodes]:
+    """Every replica of more than one node, with the addresses and environment its engines use
+    (infra/sglang.py), so the all-reduce takes the path the engine's NCCL takes."""
+    from infra.inventory import node_addresses
+    from infra.sglang import launches_for_spec
+
+    launches = launches_for_spec(spec, node_addresses(spec))
+    groups: list[ReplicaNodes] = []
+    for deployment in spec.deployments:
+        for number, replica in enumerate(deployment.replicas, start=1):
+            if len(replica) < 2:
+                continue
+            mine = {
+                launch.node: launch
+                for launch in launches
+                if launch.deployment == deployment.name and launch.replica == number
+            }
+            head = mine[replica[0]]
+            assert head.dist_init_addr is not None  # set for every multi-node replica
+            first = spec.node(replica[0])
+            groups.append(
+                ReplicaNodes(
+                    deployment=deployment.name,
+                    replica=number,
+                    nodes=tuple(replica),
+                    master_addr=head.dist_init_addr.rsplit(":", 1)[0],
+                    env={name: dict(mine[name].env) for name in replica},
+                    rdma=frozenset(name for name in replica if spec.node(name).rdma),
+                    image=deployment.image,
+                    gpu_model=first.gpus.model if first.gpus else None,
+                    gpus_per_node=first.gpus.count if first.gpus else 0,
+                )
+            )
+    return groups
+
+
+def allreduce_command(group: ReplicaNodes, node: str, port: int) -> str:
+    """The shell command one node runs (burnin.py on stdin): its part of the all-reduce, in the
+    engine image, with the engine's NCCL environment and RDMA devices."""
+    docker = ["docker", "run", "--rm", "--gpus", "all", "--ipc=host", "--network", "host"]
+    docker += ["--ulimit", "memlock=-1"]
+    if node in group.rdma:
+        docker += ["--device", "/dev/infiniband", "--cap-add", "IPC_LOCK"]
+    env = group.env[node]
+    for key in sorted(env):
+        docker += ["-e", f"{key}={env[key]}"]
+    docker += ["-v", f"{BURNIN_REMOTE_DIR}:{BURNIN_REMOTE_DIR}:ro", group.image]
+    docker += ["python3", f"{BURNIN_REMOTE_DIR}/burnin.py", "--json", "--allreduce-only"]
+    docker += ["--ranks", str(group.gpus_per_node), "--nnodes", str(len(group.nodes))]
+    docker += ["--node-rank", str(group.nodes.index(node))]
+    docker += ["--master-addr", group.master_addr, "--master-port", str(port)]
+    return f"mkdir -p {BURNIN_REMOTE_DIR} && cat > {BURNIN_REMOTE_DIR}/burnin.py && " + shlex.join(
+        docker
+    )
+
+
+def _parse_port(output: str) -> int | None:
+    text = output.strip()
+    return int(text) if text.isdigit() and 0 < int(text) < 65536 else None
+
+
+def run_multi_node_allreduce(
+    spec: ClusterSpec, group: ReplicaNodes, runner: Runner = _run
+) -> Verdict:
+    """Start burnin.py on every node of the replica at once and judge rank 0's figures.
+
+    The port is one that rank 0's node reports free just before the start (closed again at
+    once; the rendezvous binds it seconds later). A node that cannot be reached, gives no
+    report or exits non-zero is named in the verdict; the others' ranks then time out.
+    """
+    head = spec.node(group.nodes[0])
+    head_address = node_address(spec, head)
+    found = runner(ssh_command(spec, head_address, FREE_PORT_COMMAND), "", 60)
+    port = _parse_port(found.stdout) if found.returncode == 0 else None
+    if port is None:
+        verdict = Verdict(node=group.label)
+        why = (found.stderr or found.stdout).strip().splitlines()[-1:] or ["no output"]
+        verdict.checks.append(
+            _check(
+                "nccl.allreduce_nodes",
+                Status.FAIL,
+                None,
+                "ok",
+                f"no free port from {head.name} ({head_address}): {why[0]}; "
+                "it needs python3 on the node",
+            )
+        )
+        return verdict
+    script = BURNIN_SCRIPT.read_text(encoding="utf-8")
+
+    def one(name: str) -> tuple[str, dict[str, Any] | None, str | None]:
+        address = node_address(spec, spec.node(name))
+        remote = f"sh -c {shlex.quote(allreduce_command(group, name, port))}"
+        try:
+            result = runner(ssh_command(spec, address, remote), script, ALLREDUCE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return name, None, f"timed out after {ALLREDUCE_TIMEOUT_S} s"
+        tail = " / ".join((result.stderr or "").strip().splitlines()[-3:])
+        if result.returncode == SSH_UNREACHABLE:
+            return name, None, f"unreachable ({address}): {tail or 'ssh failed'}"
+        try:
+            report = json.loads(result.stdout)
+        except json.JSONDecodeError:
+            return name, None, f"exit {result.returncode}, no report: {tail or 'no output'}"
+        if not isinstance(report, dict):
+            return name, None, "the report is not a JSON object"
+        return name, report, None
+
+    # All at once: each node's ranks wait in the rendezvous for the other nodes' ranks.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(group.nodes)) as pool:
+        outcomes = list(pool.map(one, group.nodes))
+    return evaluate_multi_node_allreduce(
+        replica=group.label,
+        nodes=group.nodes,
+        gpus_per_node=group.gpus_per_node,
+        expected_model=group.gpu_model,
+        reports={name: report for name, report, _ in outcomes},
+        problems={name: problem for name, _, problem in outcomes if problem},
+    )
+
+
+def replica_allreduce_checks(
+    spec: ClusterSpec, checked: Sequence[str], unreachable: Mapping[str, str], runner: Runner = _run
+) -> list[Verdict]:
+    """The all-reduce of every multi-node replica, or why it was not run."""
+    verdicts: list[Verdict] = []
+    for group in multi_node_replicas(spec):
+        missing = [name for name in group.nodes if name not in checked]
+        down = [name for name in group.nodes if name in unreachable]
+        reason = None
+        if group.gpus_per_node == 0:
+            reason = "no GPUs in the spec for this replica's nodes"
+        elif missing:
+            flags = " ".join(f"--node {name}" for name in group.nodes)
+            reason = (
+                f"needs every node of the replica; {', '.join(missing)} not selected "
+                f"(use {flags}, or no --node)"
+            )
+        elif down:
+            reason = f"{', '.join(down)} unreachable"
+        if reason is not None:
+            verdict = Verdict(node=group.label)
+            verdict.checks.append(_na("nccl.allreduce_nodes", f"not run: {reason}"))
+            verdicts.append(verdict)
+            continue
+        try:
+            verdicts.append(run_multi_node_allreduce(spec, group, runner))
+        except subprocess.TimeoutExpired:
+            verdict = Verdict(node=group.label)
+            verdict.checks.append(
+                _check(
+                    "nccl.allreduce_nodes",
+                    Status.FAIL,
+                    None,
+                    "ok",
+                    f"{group.nodes[0]} did not answer for a free port",
+                )
+            )
+            verdicts.append(verdict)
+    return verdicts
+
+
 # --- I/O: serving ----------------------------------------------------------------------------------
 
 
@@ -1264,18 +1461,21 @@ class Report:
     nodes: list[Verdict] = field(default_factory=list)
     serving: Verdict | None = None
     unreachable: dict[str, str] = field(default_factory=dict)
+    replicas: list[Verdict] = field(default_factory=list)
+    """With --burnin: the all-reduce across the nodes of each multi-node replica."""
 
     @property
     def exit_code(self) -> int:
         if self.unreachable:
             return 2
-        verdicts = [*self.nodes, *([self.serving] if self.serving else [])]
+        verdicts = [*self.nodes, *self.replicas, *([self.serving] if self.serving else [])]
         return 0 if all(v.passed for v in verdicts) else 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "status": {0: "pass", 1: "fail", 2: "unreachable"}[self.exit_code],
             "nodes": [v.to_dict() for v in self.nodes],
+            "replicas": [v.to_dict() for v in self.replicas],
             "serving": self.serving.to_dict() if self.serving else None,
             "unreachable": self.unreachable,
         }
@@ -1323,11 +1523,17 @@ def check_node(spec: ClusterSpec, node: Node, options: Options, runner: Runner =
 
 def check_cluster(spec: ClusterSpec, options: Options, runner: Runner = _run) -> Report:
     report = Report()
-    for node in selected_nodes(spec, options.nodes):
+    nodes = selected_nodes(spec, options.nodes)
+    for node in nodes:
         try:
             report.nodes.append(check_node(spec, node, options, runner))
         except Unreachable as exc:
             report.unreachable[node.name] = str(exc)
+    if options.burnin:
+        # After every node's own burn-in, so a replica's nodes are idle when they meet.
+        report.replicas.extend(
+            replica_allreduce_checks(spec, [n.name for n in nodes], report.unreachable, runner)
+        )
     if options.serving and not options.nodes:
         serving = Verdict(node="serving")
         serving.checks.extend(serving_checks(spec, runner))

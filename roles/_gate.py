@@ -1,10 +1,12 @@
 """The acceptance gate: a node joins the load balancer only after it passed `deepfleet check`.
 
-Runs at execution time (pyinfra `python.call`), right after a replica's engines answer
-/health_generate and before the load balancer routes to them again: the node's health probe
-(`facts.node_health.NodeHealth`, the same script `deepfleet check` runs over SSH) is judged by
-`infra.check.node_ready`. A failing node fails the deploy naming its checks, and the replica
-stays out of the load balancer.
+Runs at execution time (pyinfra `python.call`), right after a restarted or started replica's
+engines answer /health_generate: the node's health probe (`facts.node_health.NodeHealth`, the
+same script `deepfleet check` runs over SSH, without the burn-in) is judged by
+`infra.check.node_ready`. A failing node fails the deploy on that host, naming its checks, and
+`passed()` turns false for the replica, which keeps the sglang role's "ready" step (back into
+HAProxy after a drain) from running. A replica started for the first time was never drained:
+HAProxy's health check routes to it as soon as it answers, gate or not (docs/monitoring.md).
 """
 
 from __future__ import annotations

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import ast
 import copy
+import importlib.util
 import json
 import math
+import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from infra.acceptance.thresholds import (
     THRESHOLDS,
     GpuThresholds,
     gpu_model_from_name,
+    multi_node_busbw_min,
     thresholds_for,
 )
 from infra.acceptance.verdict import (
@@ -31,6 +35,7 @@ from infra.acceptance.verdict import (
     NodeFacts,
     Status,
     evaluate,
+    evaluate_multi_node_allreduce,
     load_burnin,
     main,
 )
@@ -465,3 +470,204 @@ def test_command_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(FIXTURES / "h100.json"), "--model", "H100", "--count", "8", "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["status"] == "fail"
     assert main(["/nonexistent.json", "--count", "1"]) == 2
+
+
+# --- the all-reduce across the nodes of a multi-node replica ------------------------------------
+
+REPLICA = ("gpu-01", "gpu-02")
+
+
+def replica_reports(
+    gpus_per_node: int = 8, busbw: float = 180.0, nodes: tuple[str, ...] = REPLICA
+) -> dict[str, dict[str, Any] | None]:
+    """Synthetic: what `burnin.py --allreduce-only --nnodes 2` prints on each node."""
+    world = gpus_per_node * len(nodes)
+    factor = burnin.allreduce_busbw_factor(world)
+    rows = [
+        {
+            "bytes": size,
+            "size": burnin.human_bytes(size),
+            "algbw_gbps": busbw / factor,
+            "busbw_gbps": busbw * size / burnin.GIB,  # rises with the message size
+            "correct": True,
+        }
+        for size in burnin.DEFAULT_ALLREDUCE_SIZES
+    ]
+    return {
+        name: {
+            "schema": burnin.SCHEMA,
+            "host": name,
+            "gpu_count": gpus_per_node,
+            "gpus": [],
+            "errors": [],
+            "allreduce": {
+                "status": "ok",
+                "ranks": world,
+                "nodes": len(nodes),
+                "ranks_per_node": gpus_per_node,
+                "node_rank": rank,
+                "results": rows,
+                "peak_busbw_gbps": busbw,
+            },
+        }
+        for rank, name in enumerate(nodes)
+    }
+
+
+def judge_replica(
+    reports: dict[str, dict[str, Any] | None],
+    problems: dict[str, str] | None = None,
+    table: dict[tuple[str, int, int], float] | None = None,
+) -> Any:
+    return evaluate_multi_node_allreduce(
+        replica="r1 replica 1",
+        nodes=REPLICA,
+        gpus_per_node=8,
+        expected_model="H100",
+        reports=reports,
+        problems=problems,
+        **({"table": table} if table is not None else {}),
+    )
+
+
+def test_replica_allreduce_is_reported_not_judged_without_a_minimum() -> None:
+    verdict = judge_replica(replica_reports())
+    assert verdict.passed and verdict.node == "r1 replica 1"
+    ok = verdict.check("nccl.allreduce_nodes")
+    assert ok.status is Status.PASS and "2 nodes x 8 GPUs (16 ranks, gpu-01, gpu-02)" in ok.message
+    busbw = verdict.check("nccl.allreduce_nodes_busbw")
+    assert busbw.status is Status.NOT_APPLICABLE and busbw.measured == 180.0
+    assert "180 GB/s at 1 GiB: reported, not judged" in busbw.message
+    assert "MULTI_NODE_ALLREDUCE_BUSBW_GBPS_MIN" in busbw.message
+
+
+def test_replica_allreduce_busbw_judged_when_a_minimum_exists() -> None:
+    table = {("H100", 2, 8): 150.0}
+    assert multi_node_busbw_min("h100", 2, 8, table) == 150.0
+    assert multi_node_busbw_min("H100", 2, 4, table) is None  # another shape: not measured
+    assert multi_node_busbw_min(None, 2, 8, table) is None
+    assert judge_replica(replica_reports(busbw=180.0), table=table).passed
+    slow = judge_replica(replica_reports(busbw=75.0), table=table)
+    assert [check.name for check in slow.failures] == ["nccl.allreduce_nodes_busbw"]
+    assert "50% of it" in slow.failures[0].message and "ibstat" in slow.failures[0].message
+
+
+def test_replica_allreduce_failure_names_the_node_that_broke_it() -> None:
+    reports = replica_reports()
+    reports["gpu-01"] = {
+        "errors": ["all-reduce: timed out after 360 s (hung NCCL, or a node that never joined?)"],
+        "allreduce": {"status": "failed", "reason": "timed out after 360 s", "ranks": 16},
+    }
+    reports["gpu-02"] = None
+    verdict = judge_replica(reports, {"gpu-02": "unreachable (192.0.2.12): No route to host"})
+    [failure] = verdict.failures
+    assert failure.name == "nccl.allreduce_nodes"
+    assert "failed; gpu-01 (rank 0): timed out after 360 s; gpu-02: unreachable (192.0.2.12)" in (
+        failure.message
+    )
+    # rank 0 says "ok" but a peer failed: its part is unknown, so the replica fails too.
+    reports = replica_reports()
+    reports["gpu-02"] = None
+    verdict = judge_replica(reports, {"gpu-02": "exit 1, no report: docker: image not found"})
+    assert "gpu-01 (rank 0): finished; gpu-02: exit 1, no report" in verdict.failures[0].message
+    assert "gpu-01 (rank 0): no report came back" in judge_replica({}).failures[0].message
+
+
+def test_replica_allreduce_with_too_few_ranks_fails() -> None:
+    reports = replica_reports(gpus_per_node=7)  # a node lost a GPU and ran with what it had
+    verdict = judge_replica(reports)
+    assert "14 ranks instead of 16" in verdict.check("nccl.allreduce_nodes").message
+    assert not judge_replica({}).passed  # no report at all
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--nnodes", "2"], "--nnodes > 1 needs --master-port"),
+        (["--nnodes", "2", "--node-rank", "2", "--master-port", "29500"], "0..1, got 2"),
+        (["--master-port", "70000"], "1..65535"),
+        (["--ranks", "0"], "--ranks must be at least 1"),
+        (["--rendezvous-timeout-s", "0"], "must be positive"),
+    ],
+)
+def test_bad_multi_node_arguments_exit_2_before_torch(
+    argv: list[str], words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert burnin.main(argv) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_one_rank_on_one_node_needs_no_torch_but_two_nodes_make_a_world() -> None:
+    one = burnin.measure_allreduce(1, [burnin.MIB], rendezvous=burnin.Rendezvous())
+    assert one["status"] == "not-applicable" and one["ranks"] == 1 and "nodes" not in one
+    parsed = burnin.build_parser().parse_args(
+        ["--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "29500"]
+    )
+    meet = burnin.rendezvous_of(parsed)
+    assert meet == burnin.Rendezvous(2, 1, "10.0.0.1", 29500, burnin.RENDEZVOUS_TIMEOUT_S)
+    assert meet.problems() == []
+
+
+# A real run of the multi-node code path: two burnin.py processes on loopback stand in for two
+# nodes (gloo, CPU tensors). Needs torch, which this project's venv does not have: it runs where
+# torch is (the device machine's python3; docs/acceptance.md records the run).
+needs_torch = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None, reason="needs torch (not in the project venv)"
+)
+BURNIN = Path(burnin.__file__)
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_node(rank: int, nnodes: int, ranks: int, port: int, timeout_s: float) -> Any:
+    argv = [sys.executable, str(BURNIN), "--json", "--allreduce-only", "--backend", "gloo"]
+    argv += ["--ranks", str(ranks), "--nnodes", str(nnodes), "--node-rank", str(rank)]
+    argv += ["--master-addr", "127.0.0.1", "--master-port", str(port), "--sizes", "1M,4M"]
+    argv += ["--rendezvous-timeout-s", str(timeout_s)]
+    return subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@needs_torch
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_two_nodes_meet_over_loopback_with_gloo(ranks: int) -> None:
+    port = _port()
+    procs = [_start_node(rank, 2, ranks, port, 60) for rank in (0, 1)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    reports = {name: json.loads(out) for name, (out, _) in zip(REPLICA, outputs, strict=True)}
+    head = reports["gpu-01"]["allreduce"]
+    assert (head["ranks"], head["nodes"], head["ranks_per_node"]) == (2 * ranks, 2, ranks)
+    assert [row["bytes"] for row in head["results"]] == [burnin.MIB, 4 * burnin.MIB]
+    assert all(row["correct"] and row["busbw_gbps"] > 0 for row in head["results"])
+    # The figures are reduced across the world: node 1 holds the same table as rank 0.
+    assert reports["gpu-02"]["allreduce"]["results"] == head["results"]
+    verdict = evaluate_multi_node_allreduce(
+        replica="r1 replica 1",
+        nodes=REPLICA,
+        gpus_per_node=ranks,
+        expected_model=None,
+        reports=reports,
+    )
+    assert verdict.passed and verdict.check("nccl.allreduce_nodes").status is Status.PASS
+
+
+@needs_torch
+@pytest.mark.slow
+def test_a_node_that_never_joins_fails_rank_0() -> None:
+    proc = _start_node(0, 2, 1, _port(), 5)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-2000:]
+    data = json.loads(out)
+    assert data["allreduce"]["status"] == "failed"
+    verdict = judge_replica({"gpu-01": data, "gpu-02": None}, {"gpu-02": "exit 2, no report"})
+    assert "gpu-02: exit 2, no report" in verdict.check("nccl.allreduce_nodes").message

@@ -7,16 +7,24 @@ fault is a new fixture file and a row in CASES.
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
 import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from infra import check
+from infra.acceptance import burnin
 from infra.acceptance.verdict import Status
 from infra.cli import main
+from infra.sglang import launches_for_spec
 from infra.spec import load_spec
+from roles import sglang
 from tests.conftest import HOSTS
 
 FIXTURES = Path(__file__).parent / "fixtures" / "check"
@@ -360,3 +368,232 @@ def test_lab_model_directory_may_be_absent_but_not_in_production() -> None:
     production["model:deepseek-r1"] = check.Section("model:deepseek-r1", 3, "missing-dir")
     failed = _failed(check.evaluate_node(GPU_01, production))
     assert "/data/models/deepseek-r1 does not exist" in failed["model.deepseek-r1.files"]
+
+
+# --- the all-reduce across the nodes of a multi-node replica (--burnin) -------------------------
+
+
+def test_multi_node_replicas_use_the_engines_network_and_environment() -> None:
+    [group] = check.multi_node_replicas(BAREMETAL)  # qwen-32b's one-node replica is not one
+    assert (group.label, group.nodes) == ("r1 replica 1", ("gpu-01", "gpu-02"))
+    engines = {
+        launch.node: launch for launch in launches_for_spec(BAREMETAL) if launch.deployment == "r1"
+    }
+    # rank 0's --dist-init-addr host: its address on the storage network, where the RDMA is.
+    assert engines["gpu-01"].dist_init_addr == "198.51.100.11:5000"
+    assert group.master_addr == "198.51.100.11"
+    assert group.env == {node: launch.env for node, launch in engines.items()}
+    assert group.env["gpu-02"]["NCCL_IB_HCA"] == "=mlx5_0:1,mlx5_1:1"
+    assert (group.gpu_model, group.gpus_per_node) == ("H100", 8)
+    assert group.rdma == {"gpu-01", "gpu-02"}
+    assert check.multi_node_replicas(LAB) == []  # one node per replica
+
+
+def test_allreduce_command_is_what_burnin_py_parses() -> None:
+    [group] = check.multi_node_replicas(BAREMETAL)
+    command = check.allreduce_command(group, "gpu-02", 29511)
+    prefix = "mkdir -p /opt/deepfleet && cat > /opt/deepfleet/burnin.py && "
+    assert command.startswith(prefix)
+    argv = shlex.split(command.removeprefix(prefix))
+    assert argv[:3] == ["docker", "run", "--rm"]
+    assert "--device" in argv and argv[argv.index("--device") + 1] == "/dev/infiniband"
+    assert "NCCL_SOCKET_IFNAME=bond1.12" in argv and "NCCL_IB_HCA==mlx5_0:1,mlx5_1:1" in argv
+    script = argv.index("/opt/deepfleet/burnin.py")
+    assert argv[script - 2 : script] == [group.image, "python3"]
+    args = burnin.build_parser().parse_args(argv[script + 1 :])
+    assert args.allreduce_only and args.json and args.backend == "nccl"
+    assert (args.ranks, args.nnodes, args.node_rank) == (8, 2, 1)
+    assert (args.master_addr, args.master_port) == ("198.51.100.11", 29511)
+    assert burnin.rendezvous_of(args).problems() == []
+
+
+def _replica_report(rank: int, ok: bool = True) -> str:
+    rows = [{"bytes": 1 << 30, "size": "1 GiB", "busbw_gbps": 171.5, "correct": True}]
+    allreduce: dict[str, Any] = {"status": "ok", "ranks": 16, "nodes": 2, "node_rank": rank}
+    allreduce |= {"results": rows, "peak_busbw_gbps": 171.5}
+    if not ok:
+        allreduce = {"status": "failed", "reason": "RuntimeError: NCCL error", "ranks": 16}
+    errors = [] if ok else ["all-reduce: RuntimeError: NCCL error"]
+    return json.dumps(
+        {"schema": burnin.SCHEMA, "gpus": [], "errors": errors, "allreduce": allreduce}
+    )
+
+
+def _cluster_runner(
+    calls: list[tuple[str, str]], broken: str | None = None, together: int = 2
+) -> check.Runner:
+    """A fake SSH: the probe, the node burn-in, a free port and the replica's all-reduce.
+
+    The all-reduce answers only once `together` of them are running at the same time, as the
+    ranks of real nodes only get past their rendezvous when every node started."""
+    addresses = {str(n.address): n.name for n in BAREMETAL.nodes}
+    rendezvous = threading.Barrier(together, timeout=5)
+
+    def run(command: list[str], stdin: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        node = addresses[command[-2].split("@")[1]]
+        remote = command[-1]
+        calls.append((node, remote))
+        out = ""
+        if remote.endswith("sh -s"):
+            out = (FIXTURES / "healthy-hgx.txt").read_text()
+        elif "--allreduce-only" in remote:
+            assert stdin.startswith('"""GPU burn-in')  # burnin.py itself, on stdin
+            rendezvous.wait()  # BrokenBarrierError unless every node runs at once
+            if node == broken:
+                return subprocess.CompletedProcess(command, 255, "", "Connection reset")
+            rank = int(re.search(r"--node-rank (\d)", remote).group(1))  # type: ignore[union-attr]
+            out = _replica_report(rank)
+        elif "burnin.py --json" in remote:
+            out = (FIXTURES / "burnin-h100x8.json").read_text()
+        elif "socket" in remote:
+            out = "29511\n"
+        return subprocess.CompletedProcess(command, 0, out, "")
+
+    return run
+
+
+def test_burnin_runs_the_replica_allreduce_on_every_node_at_once() -> None:
+    calls: list[tuple[str, str]] = []
+    options = check.Options(burnin=True, serving=False, nodes=("gpu-01", "gpu-02"))
+    report = check.check_cluster(BAREMETAL, options, _cluster_runner(calls))
+    [replica] = report.replicas
+    assert replica.node == "r1 replica 1" and replica.passed, replica.render()
+    busbw = replica.check("nccl.allreduce_nodes_busbw")
+    assert busbw.status is Status.NOT_APPLICABLE and "reported, not judged" in busbw.message
+    assert report.exit_code == 0, [v.render() for v in report.nodes]
+    assert report.to_dict()["replicas"][0]["node"] == "r1 replica 1"
+    started = [(node, remote) for node, remote in calls if "--allreduce-only" in remote]
+    assert sorted(node for node, _ in started) == ["gpu-01", "gpu-02"]
+    for node, remote in started:
+        rank = "0" if node == "gpu-01" else "1"
+        assert f"--node-rank {rank} --master-addr 198.51.100.11 --master-port 29511" in remote
+    # Each node's own burn-in first (one at a time), then a port from rank 0's node, then both.
+    kinds = [
+        "replica" if "--allreduce-only" in r else "own" if "burnin.py" in r else "port"
+        for _, r in calls
+        if "burnin.py" in r or "socket" in r
+    ]
+    assert kinds == ["own", "own", "port", "replica", "replica"]
+    assert [node for node, r in calls if "socket" in r] == ["gpu-01"]
+
+
+def test_a_replica_node_that_drops_out_fails_the_replica() -> None:
+    options = check.Options(burnin=True, serving=False, nodes=("gpu-01", "gpu-02"))
+    report = check.check_cluster(BAREMETAL, options, _cluster_runner([], broken="gpu-02"))
+    [failure] = report.replicas[0].failures
+    assert "gpu-01 (rank 0): finished; gpu-02: unreachable (192.0.2.12): Connection reset" in (
+        failure.message
+    )
+    assert report.exit_code == 1
+
+
+def test_the_replica_allreduce_needs_every_node_of_the_replica() -> None:
+    options = check.Options(burnin=True, serving=False, nodes=("gpu-01",))
+    report = check.check_cluster(BAREMETAL, options, _cluster_runner([], together=1))
+    check_ = report.replicas[0].check("nccl.allreduce_nodes")
+    assert check_.status is Status.NOT_APPLICABLE
+    assert "gpu-02 not selected (use --node gpu-01 --node gpu-02, or no --node)" in check_.message
+    without = check.check_cluster(BAREMETAL, check.Options(nodes=("gpu-01",)), _runner(""))
+    assert without.replicas == []  # only with --burnin
+
+
+# --- the deploy's gate: a node that fails its checks keeps its replica out of the LB --------------
+
+
+def _probe_text(sections: dict[str, check.Section]) -> str:
+    return "".join(
+        f"{check.SECTION_MARKER} {s.name} {s.rc}\n" + (s.output + "\n" if s.output else "")
+        for s in sections.values()
+    )
+
+
+def _healthy_gpu_03() -> str:
+    """gpu-03 (4 x L40S, PCIe, qwen-32b replica 1) as the probe sees it when healthy."""
+    healthy = _sections("healthy-hgx.txt")
+    sections = {name: healthy[name] for name in ("xid", "clock", "dns")}
+    smi = "\n".join(f"{i}, NVIDIA L40S, 570.172.08, Enabled, 46068, 0" for i in range(4))
+    sections["gpus"] = check.Section("gpus", 0, smi)
+    model = "model:r1-distill-qwen-32b"
+    sections[model] = check.Section(model, 0, "config-json\nfiles 21")
+    sections["engine:qwen-32b:1"] = check.Section("engine:qwen-32b:1", 0, "200")
+    text = _probe_text(sections)
+    verdict = check.node_ready(BAREMETAL, "gpu-03", text)
+    assert verdict.passed, verdict.render()  # the control: this node's replica goes back in
+    return text
+
+
+_GATE_INVENTORY = """
+import json
+_running = json.dumps({{"Name": "/x", "Image": "sha256:1", "State": {{"Running": True}},
+    "Config": {{"Image": "img", "Entrypoint": ["/bin/sh"], "Cmd": ["x"]}}, "HostConfig": {{}}}})
+_probes = json.loads({probes!r})
+hosts = [
+    (f"@fake/{{n}}", {{"fake_delay": 0, "fake_delay_jitter": 0, "fake_responses": {{
+        "docker inspect --type container": _running,
+        # the NodeHealth fact: infra.check.probe_script(...) names itself in its first comment
+        "deepfleet check: read-only probes": _probes.get(n, ""),
+    }}}})
+    for n in ("lb-01", "gpu-01", "gpu-02", "gpu-03")
+]
+"""
+_GATE_DEPLOY = """
+import os
+from pyinfra import host
+from infra.spec import load_spec
+from roles import sglang
+
+_spec = load_spec(os.environ["SPEC"])
+_node = _spec.node(host.name.split("/")[-1])
+if sglang.plan(_spec, _node) is not None:
+    sglang.apply(spec=_spec, node=_node)
+"""
+
+
+@pytest.mark.slow
+def test_a_node_failing_the_gate_keeps_its_replica_out_of_the_load_balancer(
+    tmp_path: Path,
+) -> None:
+    """The real pyinfra CLI on its fake connector, gate on: every engine runs and its unit
+    changed, so each replica is drained, restarted and waited for. gpu-01 (r1, rank 0) then
+    reports a down RDMA port: r1 is never put back in HAProxy and the deploy fails naming the
+    check, while qwen-32b (gpu-03, healthy) goes back in."""
+    probes = {
+        "gpu-01": (FIXTURES / "ib-port-down.txt").read_text(),
+        "gpu-02": (FIXTURES / "healthy-hgx.txt").read_text(),
+        "gpu-03": _healthy_gpu_03(),
+    }
+    assert check.node_ready(BAREMETAL, "gpu-02", probes["gpu-02"]).passed
+    (tmp_path / "inv.py").write_text(_GATE_INVENTORY.format(probes=json.dumps(probes)))
+    (tmp_path / "deploy.py").write_text(_GATE_DEPLOY)
+    project = HOSTS.parent
+    env = {
+        **os.environ,
+        "SPEC": str(HOSTS / "example-baremetal.yaml"),
+        "DEEPFLEET_API_KEY": "gate-test-key",
+        "PYTHONPATH": str(project),
+        "PYINFRA_FAKE_DELAY": "0",
+        "PYINFRA_PROGRESS": "off",
+    }
+    env.pop("DEEPFLEET_GATE", None)
+    pyinfra = str(Path(sys.executable).parent / "pyinfra")
+    result = subprocess.run(
+        [pyinfra, "-y", "-vv", str(tmp_path / "inv.py"), str(tmp_path / "deploy.py")],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    text = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
+    commands = re.findall(r"^\[@fake/([\w-]+)\]\s+>>> (.*)$", text, re.M)
+    lb = [c for h, c in commands if h == "lb-01" and c.startswith(sglang.HAPROXY_SCRIPT)]
+    assert lb == [
+        f"{sglang.HAPROXY_SCRIPT} drain chat/r1-r1 300",
+        # no "ready chat/r1-r1": the gate on gpu-01 failed
+        f"{sglang.HAPROXY_SCRIPT} drain chat/qwen-32b-r1 300",
+        f"{sglang.HAPROXY_SCRIPT} ready chat/qwen-32b-r1",
+    ], text[-4000:]
+    assert result.returncode != 0
+    assert "gpu-01 failed its acceptance checks and stays out of the load balancer" in text
+    assert "ib.mlx5_1/1: mlx5_1/1 is Down/Disabled" in text

@@ -19,6 +19,15 @@ and across all GPUs of the node, when there are at least two:
   with torch.multiprocessing; algbw = bytes / time and busbw = algbw * 2(n-1)/n, as nccl-tests
   define them; the time is the mean of the timed iterations, the slowest rank's.
 
+Across the nodes of a multi-node replica, the same sweep runs with one copy of this script per
+node, all started at once (`deepfleet check --burnin` does that over SSH):
+
+    python3 burnin.py --json --allreduce-only --ranks 8 --nnodes 2 --node-rank R \
+        --master-addr 198.51.100.11 --master-port 29511
+
+Global rank = node rank x ranks + local rank; rank 0 (on node rank 0) hosts the rendezvous at
+the master address, and n in the busbw factor is every rank of every node.
+
 It prints one JSON document (schema `deepfleet.burnin/1`) with --json, otherwise a short table.
 Exit status: 0 when every measurement ran, 1 when one failed (the JSON says which), 2 on bad
 arguments. Pass/fail against thresholds is not decided here: see infra/acceptance/verdict.py.
@@ -43,6 +52,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 SCHEMA = "deepfleet.burnin/1"
@@ -58,6 +68,8 @@ MIB = 1 << 20
 GIB = 1 << 30
 DEFAULT_ALLREDUCE_SIZES = (MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB, GIB)
 NOT_APPLICABLE_ONE_GPU = "not applicable (1 GPU)"
+RENDEZVOUS_TIMEOUT_S = 120.0
+"""How long a rank waits for the others: long enough for every node's container to start."""
 
 NVIDIA_SMI_FIELDS = (
     "index",
@@ -327,31 +339,68 @@ def measure_copy(
     }
 
 
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the ranks of one all-reduce meet: this node's place among `nnodes` nodes.
+
+    One node (the default) meets on loopback at a free port. Several nodes meet at node rank 0's
+    address; every node must be given the same address, port, node count and ranks per node.
+    """
+
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+    """None: a free local port (one node only)."""
+    timeout_s: float = RENDEZVOUS_TIMEOUT_S
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.nnodes < 1:
+            found.append(f"--nnodes must be at least 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < max(self.nnodes, 1):
+            found.append(f"--node-rank must be in 0..{self.nnodes - 1}, got {self.node_rank}")
+        if self.nnodes > 1 and self.master_port is None:
+            found.append("--nnodes > 1 needs --master-port (the same on every node)")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            found.append(f"--master-port must be 1..65535, got {self.master_port}")
+        if self.timeout_s <= 0:
+            found.append(f"--rendezvous-timeout-s must be positive, got {self.timeout_s:g}")
+        return found
+
+
 def _allreduce_worker(
-    rank: int,
-    world: int,
+    local_rank: int,
+    local_ranks: int,
+    rendezvous: Rendezvous,
+    port: int,
     backend: str,
     sizes: Sequence[int],
-    port: int,
     queue: Any,
 ) -> None:
-    """One rank of the all-reduce sweep; rank 0 puts the table on `queue`."""
+    """One rank of the all-reduce sweep; each node's local rank 0 puts the table on `queue`.
+
+    The table is the same on every rank (times are the slowest rank's, correctness the AND of
+    all ranks, both reduced across the whole world), so any node's copy is rank 0's figures.
+    """
     os.environ.update(NO_MULTICAST_ENV)
     import torch
     import torch.distributed as dist
 
+    rank = rendezvous.node_rank * local_ranks + local_rank
+    world = rendezvous.nnodes * local_ranks
     use_cuda = backend == "nccl"
     if use_cuda:
-        torch.cuda.set_device(rank)
-        device = torch.device("cuda", rank)
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
     dist.init_process_group(
         backend=backend,
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=f"tcp://{rendezvous.master_addr}:{port}",
         rank=rank,
         world_size=world,
-        timeout=_dt.timedelta(seconds=120),
+        timeout=_dt.timedelta(seconds=rendezvous.timeout_s),
         **({"device_id": device} if use_cuda else {}),
     )
     try:
@@ -406,7 +455,7 @@ def _allreduce_worker(
                 }
             )
             del buf
-        if rank == 0:
+        if local_rank == 0:
             queue.put(rows)
     finally:
         dist.destroy_process_group()
@@ -419,22 +468,38 @@ def _free_port() -> int:
 
 
 def measure_allreduce(
-    ranks: int, sizes: Sequence[int], *, backend: str = "nccl", timeout_s: float = 240.0
+    ranks: int,
+    sizes: Sequence[int],
+    *,
+    backend: str = "nccl",
+    timeout_s: float = 240.0,
+    rendezvous: Rendezvous | None = None,
 ) -> dict[str, Any]:
-    """All-reduce sweep across `ranks` processes (one per GPU for nccl)."""
+    """All-reduce sweep across `ranks` processes on this node (one per GPU for nccl), times
+    `rendezvous.nnodes` nodes when several nodes take part."""
+    meet = rendezvous or Rendezvous()
+    world = ranks * meet.nnodes
     method = {
         "backend": backend,
         "op": "sum",
         "dtype": "bfloat16" if backend == "nccl" else "float32",
-        "busbw": "algbw * 2(n-1)/n (nccl-tests)",
+        "busbw": "algbw * 2(n-1)/n (nccl-tests), n = every rank of every node",
         "time": "mean of timed iterations, slowest rank",
         "nvls": "disabled (NCCL_NVLS_ENABLE=0)",
     }
-    if ranks < 2:
+    shape: dict[str, Any] = {"ranks": world}
+    if meet.nnodes > 1:
+        shape.update(
+            nodes=meet.nnodes,
+            ranks_per_node=ranks,
+            node_rank=meet.node_rank,
+            master=f"{meet.master_addr}:{meet.master_port}",
+        )
+    if world < 2:
         return {
             "status": "not-applicable",
             "reason": NOT_APPLICABLE_ONE_GPU if ranks == 1 else "not applicable (no GPU)",
-            "ranks": ranks,
+            **shape,
             "method": method,
             "results": [],
         }
@@ -442,20 +507,22 @@ def measure_allreduce(
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    port = _free_port()
+    port = meet.master_port if meet.master_port is not None else _free_port()
     procs = mp.start_processes(
         _allreduce_worker,
-        args=(ranks, backend, list(sizes), port, queue),
+        args=(ranks, meet, port, backend, list(sizes), queue),
         nprocs=ranks,
         join=False,
         start_method="spawn",
     )
-    deadline = time.monotonic() + timeout_s
+    # Several nodes: the sweep may start only once the last node's ranks joined.
+    limit = timeout_s + (meet.timeout_s if meet.nnodes > 1 else 0)
+    deadline = time.monotonic() + limit
     error: str | None = None
     try:
         while not procs.join(timeout=1.0):
             if time.monotonic() > deadline:
-                error = f"timed out after {timeout_s:.0f} s (hung NCCL?)"
+                error = f"timed out after {limit:.0f} s (hung NCCL, or a node that never joined?)"
                 break
     except Exception as exc:  # a rank raised: ProcessRaisedException carries its traceback
         error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1]}"
@@ -468,21 +535,21 @@ def measure_allreduce(
         return {
             "status": "failed",
             "reason": error,
-            "ranks": ranks,
+            **shape,
             "method": method,
             "results": [],
         }
     if queue.empty():
         return {
             "status": "failed",
-            "reason": "rank 0 returned no results",
-            "ranks": ranks,
+            "reason": "local rank 0 returned no results",
+            **shape,
             "method": method,
             "results": [],
         }
     rows: list[dict[str, Any]] = queue.get()
     status = "ok" if all(row["correct"] for row in rows) else "failed"
-    result: dict[str, Any] = {"status": status, "ranks": ranks, "method": method, "results": rows}
+    result: dict[str, Any] = {"status": status, **shape, "method": method, "results": rows}
     if status != "ok":
         result["reason"] = "all-reduce returned a wrong sum"
     if rows:
@@ -585,14 +652,55 @@ def run_burnin(args: argparse.Namespace) -> dict[str, Any]:
         },
         "errors": [],
     }
-    if not torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if not cuda and args.backend == "nccl":
         report.update(gpu_name=None, gpu_count=0, gpus=[])
         report["allreduce"] = measure_allreduce(0, [])
         report["errors"].append("CUDA is not available to torch: no GPU, driver or runtime")
         report["duration_s"] = round(time.monotonic() - started, 2)
         return report
 
-    count = torch.cuda.device_count()
+    count = torch.cuda.device_count() if cuda else 0
+    if args.allreduce_only or not cuda:
+        # --allreduce-only: the nodes' GPUs were measured by their own burn-in; gloo without
+        # CUDA: a plumbing test of the all-reduce on CPU tensors.
+        report["method"]["gpus"] = "not measured (--allreduce-only)" if cuda else "no CUDA"
+        report["method"].pop("matmul")
+        report["method"].pop("copy")
+        gpus: list[dict[str, Any]] = []
+        names = sorted({torch.cuda.get_device_name(index) for index in range(count)})
+    else:
+        gpus = _measure_gpus(count, args, report)
+        names = sorted({gpu["name"] for gpu in gpus})
+    for gpu in gpus:
+        if "error" in gpu:
+            report["errors"].append(f"GPU {gpu['index']}: {gpu['error']}")
+    report["gpu_name"] = (names[0] if len(names) == 1 else " / ".join(names)) if names else None
+    report["gpu_count"] = count
+    report["gpus"] = gpus
+
+    ranks = args.ranks if args.ranks is not None else count
+    if args.skip_allreduce:
+        report["allreduce"] = {"status": "skipped", "reason": "--skip-allreduce", "ranks": ranks}
+    else:
+        meet = rendezvous_of(args)
+        where = f" x {meet.nnodes} nodes (this is node {meet.node_rank})" if meet.nnodes > 1 else ""
+        _log(f"all-reduce over {ranks} rank(s){where}, backend {args.backend} ...")
+        report["allreduce"] = measure_allreduce(
+            ranks, args.sizes, backend=args.backend, rendezvous=meet
+        )
+        if report["allreduce"]["status"] == "failed":
+            report["errors"].append(f"all-reduce: {report['allreduce']['reason']}")
+    report["duration_s"] = round(time.monotonic() - started, 2)
+    return report
+
+
+def _measure_gpus(
+    count: int, args: argparse.Namespace, report: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Matmul and copy figures of every GPU, with nvidia-smi's idle facts beside them."""
+    import torch
+
     smi_rows = query_nvidia_smi()
     smi_by_uuid = {uuid_key(row["uuid"]): row for row in smi_rows if row["uuid"]}
     smi_by_index = {row["index"]: row for row in smi_rows}
@@ -610,31 +718,20 @@ def run_burnin(args: argparse.Namespace) -> dict[str, Any]:
     )
     _log(f"{count} GPU(s), {mode}: matmul {args.matmul_size}^3 bf16, then copy ...")
     if args.sequential:
-        gpus = [measure_gpu(index, facts_of[index], args) for index in range(count)]
-    else:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, count)) as pool:
-            futures = [
-                pool.submit(measure_gpu, index, facts_of[index], args) for index in range(count)
-            ]
-            gpus = [future.result() for future in futures]
-    for gpu in gpus:
-        if "error" in gpu:
-            report["errors"].append(f"GPU {gpu['index']}: {gpu['error']}")
-    names = sorted({gpu["name"] for gpu in gpus})
-    report["gpu_name"] = names[0] if len(names) == 1 else " / ".join(names)
-    report["gpu_count"] = count
-    report["gpus"] = gpus
+        return [measure_gpu(index, facts_of[index], args) for index in range(count)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, count)) as pool:
+        futures = [pool.submit(measure_gpu, index, facts_of[index], args) for index in range(count)]
+        return [future.result() for future in futures]
 
-    ranks = args.ranks if args.ranks is not None else count
-    if args.skip_allreduce:
-        report["allreduce"] = {"status": "skipped", "reason": "--skip-allreduce", "ranks": ranks}
-    else:
-        _log(f"all-reduce over {ranks} rank(s), backend {args.backend} ...")
-        report["allreduce"] = measure_allreduce(ranks, args.sizes, backend=args.backend)
-        if report["allreduce"]["status"] == "failed":
-            report["errors"].append(f"all-reduce: {report['allreduce']['reason']}")
-    report["duration_s"] = round(time.monotonic() - started, 2)
-    return report
+
+def rendezvous_of(args: argparse.Namespace) -> Rendezvous:
+    return Rendezvous(
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        timeout_s=args.rendezvous_timeout_s,
+    )
 
 
 def render_text(report: dict[str, Any]) -> str:
@@ -657,7 +754,8 @@ def render_text(report: dict[str, Any]) -> str:
         )
     allreduce = report.get("allreduce", {})
     if allreduce.get("results"):
-        lines.append(f"all-reduce, {allreduce['ranks']} ranks:")
+        nodes = f" on {allreduce['nodes']} nodes" if allreduce.get("nodes") else ""
+        lines.append(f"all-reduce, {allreduce['ranks']} ranks{nodes}:")
         lines.append(f"{'size':>8}  {'time us':>9}  {'algbw GB/s':>10}  {'busbw GB/s':>10}  ok")
         for row in allreduce["results"]:
             lines.append(
@@ -699,14 +797,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="all-reduce backend; gloo (CPU) only exercises the plumbing",
     )  # fmt: skip
     parser.add_argument(
-        "--ranks", type=int, default=None, help="all-reduce ranks (default: one per GPU)"
+        "--ranks", type=int, default=None,
+        help="all-reduce ranks on this node (default: one per GPU)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allreduce-only", action="store_true",
+        help="skip the matmul and copy (the all-reduce across nodes, after each node's burn-in)",
+    )  # fmt: skip
+    across = parser.add_argument_group(
+        "all-reduce across nodes", "start one copy per node, at once, with the same values"
     )
+    across.add_argument("--nnodes", type=int, default=1, help="nodes taking part (default 1)")
+    across.add_argument("--node-rank", type=int, default=0, help="this node's place, from 0")
+    across.add_argument(
+        "--master-addr", default="127.0.0.1",
+        help="node rank 0's address, reachable from every node (default 127.0.0.1)",
+    )  # fmt: skip
+    across.add_argument(
+        "--master-port", type=int, default=None,
+        help="a free TCP port on node rank 0 (default: a free local port; one node only)",
+    )  # fmt: skip
+    across.add_argument(
+        "--rendezvous-timeout-s", type=float, default=RENDEZVOUS_TIMEOUT_S,
+        help=f"how long ranks wait for each other (default {RENDEZVOUS_TIMEOUT_S:.0f})",
+    )  # fmt: skip
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.update(NO_MULTICAST_ENV)
     args = build_parser().parse_args(argv)
+    problems = rendezvous_of(args).problems()
+    if args.ranks is not None and args.ranks < 1:
+        problems.append(f"--ranks must be at least 1, got {args.ranks}")
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.backend == "nccl" and args.ranks is not None and args.ranks > 1:
         import torch
 

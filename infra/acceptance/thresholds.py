@@ -103,6 +103,30 @@ THRESHOLDS: Mapping[str, GpuThresholds] = MappingProxyType(
 )
 
 
+MULTI_NODE_ALLREDUCE_BUSBW_GBPS_MIN: Mapping[tuple[str, int, int], float] = MappingProxyType({})
+"""Minimum peak all-reduce bus bandwidth across the nodes of a replica, keyed by (GPU model,
+nodes, GPUs per node). Empty: no multi-node all-reduce has run on real hardware yet (issue 10;
+only single-GPU machines were lent), so `deepfleet check --burnin` reports the figure and does
+not judge it. Add MARGIN x the median of three runs on a healthy replica of that shape; the
+figure depends on the RDMA fabric (ports, rate, switch) as much as on the GPUs."""
+
+
+def multi_node_busbw_min(
+    model: str | None,
+    nodes: int,
+    gpus_per_node: int,
+    table: Mapping[tuple[str, int, int], float] = MULTI_NODE_ALLREDUCE_BUSBW_GBPS_MIN,
+) -> float | None:
+    """The measured minimum for this replica shape, or None where none was measured."""
+    if model is None:
+        return None
+    wanted = model_key(model)
+    for (key, key_nodes, key_gpus), minimum in table.items():
+        if model_key(key) == wanted and (key_nodes, key_gpus) == (nodes, gpus_per_node):
+            return minimum
+    return None
+
+
 # Device names as CUDA / nvidia-smi report them -> catalog names. Order matters: "H200" before
 # "H20", PCIe/NVL boards (lower clocks and power) before the SXM board of the same chip.
 _NAME_PATTERNS: tuple[tuple[str, str], ...] = (

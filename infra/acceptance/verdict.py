@@ -25,10 +25,12 @@ from typing import Any
 
 from infra.acceptance.thresholds import (
     MAX_MATMUL_REL_ERROR,
+    MULTI_NODE_ALLREDUCE_BUSBW_GBPS_MIN,
     THRESHOLDS,
     GpuThresholds,
     gpu_model_from_name,
     model_key,
+    multi_node_busbw_min,
     thresholds_for,
 )
 from infra.errors import Problem, UserError
@@ -165,7 +167,19 @@ def _fmt(value: float) -> str:
     return f"{value:.0f}" if abs(value) >= 10 else f"{value:.3g}"
 
 
-def _at_least(name: str, measured: Any, minimum: float, unit: str, what: str) -> Check:
+_GPU_HINT = (
+    "look for power/thermal throttling (nvidia-smi -q -d PERFORMANCE), a wrong power limit or "
+    "a bad board"
+)
+_FABRIC_HINT = (
+    "look for a degraded RDMA port (ibstat rate, lane width), NCCL falling back to TCP sockets "
+    "(NCCL_DEBUG=INFO prints NET/IB or NET/Socket), or a congested switch"
+)
+
+
+def _at_least(
+    name: str, measured: Any, minimum: float, unit: str, what: str, hint: str = _GPU_HINT
+) -> Check:
     if not isinstance(measured, (int, float)):
         return Check(name, Status.FAIL, None, minimum, f"{what}: no figure in the burn-in report")
     if measured >= minimum:
@@ -182,8 +196,7 @@ def _at_least(name: str, measured: Any, minimum: float, unit: str, what: str) ->
         measured,
         minimum,
         f"{what} {_fmt(measured)} {unit} is below the minimum {_fmt(minimum)} {unit} "
-        f"({measured / minimum:.0%} of it); look for power/thermal throttling "
-        "(nvidia-smi -q -d PERFORMANCE), a wrong power limit or a bad board",
+        f"({measured / minimum:.0%} of it); {hint}",
     )
 
 
@@ -386,6 +399,105 @@ def _allreduce_checks(
             )
         )
     return checks
+
+
+def evaluate_multi_node_allreduce(
+    *,
+    replica: str,
+    nodes: Sequence[str],
+    gpus_per_node: int,
+    expected_model: str | None,
+    reports: Mapping[str, Mapping[str, Any] | None],
+    problems: Mapping[str, str] | None = None,
+    table: Mapping[tuple[str, int, int], float] = MULTI_NODE_ALLREDUCE_BUSBW_GBPS_MIN,
+) -> Verdict:
+    """The all-reduce across the nodes of one replica, from the reports of
+    `burnin.py --allreduce-only --nnodes N --node-rank R` run on every node at once.
+
+    `nodes` are in rank order (node rank 0 first); `reports` hold what each node printed (None:
+    no report came back) and `problems` why a node's run failed (exit status, stderr tail). The
+    figures are rank 0's: every rank reduced them across the whole world, so they are the same
+    on every node.
+    """
+    verdict = Verdict(node=replica)
+    world = len(nodes) * gpus_per_node
+    shape = f"{len(nodes)} nodes x {gpus_per_node} GPUs"
+    head_name = nodes[0] if nodes else "?"
+    allreduce: Mapping[str, Any] = (reports.get(head_name) or {}).get("allreduce") or {}
+
+    def trouble(node: str) -> str | None:
+        return (problems or {}).get(node) or _report_problem(reports.get(node))
+
+    peers = [f"{node}: {trouble(node)}" for node in nodes[1:] if trouble(node)]
+    ok = allreduce.get("status") == "ok"
+    right_size = allreduce.get("ranks") == world
+    # A node that failed while rank 0 says "ok" is still a failure: its part is unknown.
+    if not (ok and right_size) or peers:
+        if not ok:
+            rank0 = allreduce.get("reason") or trouble(head_name) or "no all-reduce result"
+        elif not right_size:
+            rank0 = f"{allreduce.get('ranks')} ranks instead of {world}"
+        else:
+            rank0 = "finished"
+        verdict.checks.append(
+            Check(
+                "nccl.allreduce_nodes",
+                Status.FAIL,
+                allreduce.get("status"),
+                "ok",
+                f"all-reduce across {shape} failed; {head_name} (rank 0): {rank0}"
+                + "".join(f"; {peer}" for peer in peers)
+                + "; check the RDMA ports (ibstat), NCCL_SOCKET_IFNAME/NCCL_IB_HCA, that the "
+                "nodes reach each other on the master port, and NCCL_DEBUG=INFO",
+            )
+        )
+        return verdict
+    rows: Sequence[Mapping[str, Any]] = allreduce.get("results", [])
+    verdict.checks.append(
+        Check(
+            "nccl.allreduce_nodes",
+            Status.PASS,
+            f"{len(rows)} sizes",
+            "correct sums",
+            f"all-reduce across {shape} ({world} ranks, {', '.join(nodes)}) gave correct sums",
+        )
+    )
+    peak = allreduce.get("peak_busbw_gbps")
+    best = max(rows, key=lambda row: row.get("busbw_gbps", 0.0), default=None)
+    at = f" at {best.get('size') or best.get('bytes')}" if best else ""
+    minimum = multi_node_busbw_min(expected_model, len(nodes), gpus_per_node, table)
+    if minimum is None:
+        figure = _fmt(peak) if isinstance(peak, (int, float)) else "?"
+        verdict.checks.append(
+            Check(
+                "nccl.allreduce_nodes_busbw",
+                Status.NOT_APPLICABLE,
+                peak,
+                None,
+                f"peak bus bandwidth {figure} GB/s{at}: reported, not judged; no measured "
+                f"minimum for {shape} {expected_model or '(no model)'} yet "
+                "(infra/acceptance/thresholds.py MULTI_NODE_ALLREDUCE_BUSBW_GBPS_MIN)",
+            )
+        )
+    else:
+        verdict.checks.append(
+            _at_least(
+                "nccl.allreduce_nodes_busbw",
+                peak,
+                minimum,
+                "GB/s",
+                f"all-reduce peak bus bandwidth across {shape}",
+                _FABRIC_HINT,
+            )
+        )
+    return verdict
+
+
+def _report_problem(report: Mapping[str, Any] | None) -> str | None:
+    if report is None:
+        return "no report came back"
+    errors = report.get("errors") or []
+    return "; ".join(str(error) for error in errors) or None
 
 
 def _ecc_checks(burnin: Mapping[str, Any] | None, facts: NodeFacts | None) -> list[Check]:

@@ -37,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--burnin",
         action="store_true",
-        help="also run the GPU burn-in in the engine image (loads every GPU: not on serving nodes)",
+        help="also run the GPU burn-in in the engine image on each node, then the all-reduce "
+        "across the nodes of each multi-node replica (loads every GPU: not on serving nodes)",
     )
     parser.add_argument(
         "--skip-checksums",
@@ -78,6 +79,9 @@ def render(report: Report, console: Console) -> None:
         console.print()
     for node, reason in report.unreachable.items():
         console.print(f"[bold red]{node}: UNREACHABLE[/] {reason}")
+    for verdict in report.replicas:
+        console.print(_table(verdict))
+        console.print()
     if report.serving is not None:
         console.print(_table(report.serving))
     word = {0: "[green]all checks passed[/]", 1: "[bold red]checks failed[/]"}
