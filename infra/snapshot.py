@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from infra.plan import plan_cluster
 from infra.spec import ClusterSpec, load_spec
 
 Snapshot = dict[str, dict[str, str]]
+SECRET = "[secret]"
 
 
 def take_snapshot(spec: ClusterSpec) -> Snapshot:
@@ -52,12 +55,61 @@ def _engine_commands(spec: ClusterSpec) -> Snapshot:
 
 
 def _pulumi_resources(spec: ClusterSpec) -> Snapshot:
+    """Each resource's inputs as the mocks recorded them, one property per line, so that a diff
+    shows which property of which resource a change touches (e.g. `instanceType`)."""
     try:
-        from infra.pulumi_graph import resource_graph
+        import pulumi
+
+        from infra.components import Cluster, ClusterArgs
+        from infra.pulumi_graph import PLACEHOLDER_KEY, run_offline
     except ImportError:
         return {}
-    rows = resource_graph(spec)
-    return {"pulumi": {f"{row.type} {row.name}": f"parent: {row.parent}\n" for row in rows}}
+    if spec.provider.kind == "lab":
+        return {}
+
+    # The same program `infra.pulumi_graph.resource_graph` runs; that one keeps only the rows.
+    def program() -> None:
+        Cluster(
+            spec.name,
+            ClusterArgs(
+                spec=spec,
+                ssh_private_key=pulumi.Output.secret(PLACEHOLDER_KEY),
+                deploy_public_key="ssh-ed25519 AAAA offline-placeholder",
+            ),
+        )
+
+    resources: dict[str, str] = {}
+    for record in run_offline(program).resources:
+        lines = [f"parent: {record.parent}", *property_lines(record.inputs)]
+        resources[f"{record.type} {record.name}"] = "\n".join(lines) + "\n"
+    return {"pulumi": resources}
+
+
+def property_lines(value: Any, path: str = "") -> Iterator[str]:
+    """`path: value` lines, nested keys dotted and list items indexed; secrets masked, never
+    compared (their value must not reach a PR comment); multi-line strings one line per line."""
+    from pulumi.runtime import rpc
+
+    if rpc.is_rpc_secret(value):
+        yield f"{path}: {SECRET}"
+    elif isinstance(value, Mapping):
+        if not value and path:
+            yield f"{path}: {{}}"
+        for key in sorted(value):
+            yield from property_lines(value[key], f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list | tuple):
+        if not value:
+            yield f"{path}: []"
+        for index, item in enumerate(value):
+            yield from property_lines(item, f"{path}[{index}]")
+    elif isinstance(value, str) and "\n" in value:
+        yield f"{path}: |"
+        yield from (f"  {line}" for line in value.splitlines())
+    else:
+        # Mocks see numbers as floats (500.0): print whole ones as integers.
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        yield f"{path}: {json.dumps(value)}"
 
 
 def main() -> int:

@@ -15,8 +15,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rich.console import Console
-
 from infra.errors import Problem, UserError
 from infra.inventory import PROJECT_DIR
 from infra.snapshot import Snapshot, take_snapshot
@@ -103,7 +101,6 @@ def run(args: argparse.Namespace) -> int:
     specs = args.specs or sorted(
         str(p.relative_to(PROJECT_DIR)) for p in PROJECT_DIR.glob("hosts/*.yaml")
     )
-    console = Console()
     any_change = False
     reports: list[str] = []
     commit = _git("rev-parse", "--verify", f"{args.base}^{{commit}}").strip()
@@ -120,7 +117,10 @@ def run(args: argparse.Namespace) -> int:
         finally:
             _git("worktree", "remove", "--force", str(base_tree))
     text = "\n".join(reports)
-    console.print(text, markup=False, highlight=False)
+    # Plain text, not rich: rich wraps at 80 columns when piped (CI logs, `| less`), which
+    # breaks the +/- lines of the diffs and hides what changed.
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
     if args.markdown:
         args.markdown.write_text(text)
     return EXIT_CHANGED if any_change else 0
