@@ -971,10 +971,11 @@ def node_address(spec: ClusterSpec, node: Node) -> str:
             f"no address for node {node.name}",
             [
                 Problem(
-                    "the spec has no address for it and DEEPFLEET_OUTPUTS names none",
+                    "the spec has no address for it and Pulumi's outputs name none",
                     path=f"nodes[{node.name}].address",
-                    hint="save `pulumi stack output --json > outputs.json` and set "
-                    "DEEPFLEET_OUTPUTS=outputs.json",
+                    hint="run where the `pulumi` CLI can read the stack (DEEPFLEET_STACK names "
+                    "it; the spec's name by default), or save `pulumi stack output --json > "
+                    "outputs.json` and set DEEPFLEET_OUTPUTS=outputs.json",
                 )
             ],
         )
