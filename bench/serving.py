@@ -246,20 +246,27 @@ def changed_spec(spec_path: str, directory: Path) -> Path:
 
 
 def deploy(spec: Path, log: list[str]) -> int:
-    """The real deploy of SPEC (relative paths in it resolve against the project)."""
+    """The real deploy of SPEC (relative paths in it resolve against the project); logs how
+    many replicas the sglang role restarted."""
+    from infra.deploy_results import changed_operations, parse_results
+
     started = time.monotonic()
     result = subprocess.run(
-        [str(PROJECT / ".venv/bin/pyinfra"), "-y", "inventory.py", "deploy.py"],
+        [str(PROJECT / ".venv/bin/pyinfra"), "-y", "--json", "inventory.py", "deploy.py"],
         cwd=PROJECT,
         env={**os.environ, "DEEPFLEET_SPEC": str(spec), "PYINFRA_PROGRESS": "off"},
         capture_output=True,
         text=True,
         check=False,
     )
-    restarts = [line for line in result.stdout.splitlines() if "Restart" in line and "]" in line]
+    try:
+        changed = changed_operations(parse_results(result.stdout))
+    except ValueError:  # no JSON: pyinfra failed before it could report
+        changed = []
+    restarts = [name for name in changed if "[sglang] Restart " in name]
     log.append(
         f"{time.monotonic() - started:6.1f}s deploy {spec.name}: exit {result.returncode}, "
-        f"{len(restarts)} restart line(s)"
+        f"{len(restarts)} replica restart(s)"
     )
     if result.returncode != 0:
         log.append(" | ".join((result.stdout + result.stderr).strip().splitlines()[-5:]))

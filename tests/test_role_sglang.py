@@ -224,6 +224,16 @@ def _drains(steps: list[sglang.RollingStep], key: tuple[str, int]) -> bool:
     return any(s.action == "drain" and (s.deployment, s.replica) == key for s in steps)
 
 
+def test_one_host_carries_the_order_of_the_rolling_restart() -> None:
+    steps = sglang.rolling_restart_plan(load_spec(HOSTS / "example-baremetal.yaml"))
+    everyone = {n for s in steps for n in s.commands}
+    assert sglang.order_anchor(steps, everyone) == "lb-01"  # it drains every replica
+    # --limit without the load balancer: the first engine host in the run carries it.
+    assert sglang.order_anchor(steps, everyone - {"lb-01"}) == "gpu-01"
+    assert sglang.order_anchor(steps, {"gpu-03"}) == "gpu-03"
+    assert sglang.order_anchor(steps, set()) is None
+
+
 @pytest.mark.parametrize("spec_path", EXAMPLE_SPECS, ids=lambda p: p.stem)
 def test_rolling_restart_takes_one_replica_out_at_a_time(spec_path: Path) -> None:
     spec = load_spec(spec_path)
