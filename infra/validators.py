@@ -92,6 +92,8 @@ NODE_PROGRAMS = {
     "/usr/sbin/keepalived",
     "/usr/sbin/chronyd",
     "/usr/sbin/nft",
+    # smg, pip-installed into its virtualenv by the load_balancer role (roles.load_balancer.SMG_VENV).
+    "/opt/deepfleet/smg/bin/smg",
 }
 NODE_UNITS = {
     "docker.service",

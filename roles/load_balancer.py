@@ -3,20 +3,28 @@
 HAProxy (`/etc/haproxy/haproxy.cfg`) listens on `load_balancer.port`, admits only
 `allowed_cidrs`, terminates TLS when the spec asks, checks the API key, and balances
 (`leastconn`, `GET /health` checks, per-server weights from each deployment's `weight`) over the
-replicas' rank-0 engines: `/v1/embeddings` goes to the embedding deployment when there is one,
-everything else to the chat deployments. Its runtime API (`/run/haproxy/admin.sock`) is what
-rolling restarts drain replicas through; its stats page listens on the management address.
+replicas' rank-0 engines. There is one backend per served model (the name each engine serves,
+`--served-model-name`, is the model's `models[].name`): `chat` and `embeddings` when each kind has
+one model, `chat-<model>` / `embeddings-<model>` when it has several. With several, the `model`
+field of the request's JSON body picks the backend, an unknown or missing model gets a JSON
+404/400 naming the models served, and HAProxy answers `GET /v1/models` itself with every model:
+SGLang does not check the field, so a shared pool would answer with the wrong model. Its runtime
+API (`/run/haproxy/admin.sock`) is what rolling restarts drain replicas through; its stats page
+listens on the management address.
 
 Secrets never enter a rendered file: haproxy.cfg compares the `Authorization` header with
 `"Bearer ${DEEPFLEET_API_KEY}"`, an environment variable that a systemd drop-in loads from
 `/etc/haproxy/deepfleet.env` (mode 600, written at apply time from the SecretRef); the TLS PEM is
 uploaded the same way. With `router: haproxy+smg` HAProxy sends chat traffic to smg (cache-aware
-routing, prefill/decode disaggregation) on loopback; with `router: smg` smg is the edge itself.
+routing, prefill/decode disaggregation) on loopback and embeddings to their engines; with
+`router: smg` smg is the edge itself. Either way smg routes one chat model, and its metrics
+listen where the monitoring role scrapes them (the node's management address).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import shlex
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -34,9 +42,10 @@ from roles import _converge as converge
 from roles import _state
 from roles._files import put_file
 from roles._state import Probes
+from roles.monitoring import SMG_METRICS_PORT
+from roles.monitoring import management_address as monitored_address
 from roles.sglang import (
     ADMIN_SOCKET,
-    backend_name,
     exec_line,
     put_secret,
     secret_placeholder,
@@ -58,7 +67,6 @@ SMG_VENV = "/opt/deepfleet/smg"
 SMG_UNIT = "/etc/systemd/system/deepfleet-smg.service"
 SMG_ENV = "/etc/deepfleet/smg.env"
 SMG_KEY_VARIABLE = "SMG_API_KEY"
-SMG_METRICS_PORT = 29000
 
 OPEN_WEBUI_IMAGE = "ghcr.io/open-webui/open-webui:v0.6.5"
 OPEN_WEBUI_NAME = "deepfleet-open-webui"
@@ -67,6 +75,14 @@ OPEN_WEBUI_ENV = "/etc/deepfleet/open-webui.env"
 OPEN_WEBUI_PORT = 8080
 LOOPBACK_PORT = 18000
 """With TLS on the public port, local clients (Open WebUI) use plain HTTP on this loopback port."""
+
+CHAT_PATHS = ("/v1/chat/completions", "/v1/completions")
+EMBEDDING_PATHS = ("/v1/embeddings",)
+BODY_BUFFER_BYTES = 1 << 20
+"""HAProxy's buffer (`tune.bufsize`) when it routes by the body's `model` field: it reads the
+field only from the part of the body that fits in one buffer, and the OpenAI SDKs send `model`
+after `messages`. 1 MiB holds a 64k-token prompt even JSON-escaped; the cost is memory per
+request in flight (two buffers each), which is why it is set only when routing needs it."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +107,48 @@ class Server:
 class Backend:
     name: str
     servers: list[Server] = field(default_factory=list)
+    models: tuple[str, ...] = ()
+    """The served model names (the requests' `model` field) this backend answers."""
+    embedding: bool = False
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    """One kind of request (chat or embeddings) whose backend the body's `model` field picks."""
+
+    acl: str
+    paths: tuple[str, ...]
+    backends: tuple[Backend, ...]
+
+    @property
+    def served(self) -> list[str]:
+        return [m for b in self.backends for m in b.models]
+
+    @property
+    def missing_reply(self) -> str:
+        return _openai_error(
+            'the request names no model: send a JSON body with a "model" field (within its '
+            f"first {BODY_BUFFER_BYTES >> 20} MiB); this endpoint serves " + ", ".join(self.served),
+            code=None,
+        )
+
+    @property
+    def unknown_reply(self) -> str:
+        """An HAProxy log-format string: the requested name, JSON-escaped, is filled in."""
+        return _openai_error(
+            f'model "{REQUESTED_MODEL}" is not served here; this endpoint serves '
+            + ", ".join(self.served),
+            code="model_not_found",
+        )
+
+
+REQUESTED_MODEL = "%[var(txn.model),json(utf8s)]"
+
+
+def _openai_error(message: str, code: str | None) -> str:
+    """OpenAI's error shape, which the SDKs turn into an exception carrying the message."""
+    error = {"message": message, "type": "invalid_request_error", "param": "model", "code": code}
+    return json.dumps({"error": error})
 
 
 # --- pure helpers --------------------------------------------------------------------------
@@ -138,21 +196,67 @@ def replica_servers(spec: ClusterSpec, deployments: list[Deployment]) -> list[Se
     return servers
 
 
+def served_model(spec: ClusterSpec, dep: Deployment) -> str:
+    """The name a deployment's engines answer to (`--served-model-name`, infra/sglang.py)."""
+    return spec.model(dep.model).name
+
+
+def _model_backends(spec: ClusterSpec, deployments: list[Deployment], kind: str) -> list[Backend]:
+    """One backend per served model: deployments of the same model share it (any of them
+    answers correctly, weights set their shares); different models never share one."""
+    by_model: dict[str, list[Deployment]] = {}
+    for dep in deployments:
+        by_model.setdefault(served_model(spec, dep), []).append(dep)
+    several = len(by_model) > 1
+    return [
+        Backend(
+            f"{kind}-{model}" if several else kind,
+            replica_servers(spec, deps),
+            (model,),
+            embedding=kind == "embeddings",
+        )
+        for model, deps in by_model.items()
+    ]
+
+
 def backends(spec: ClusterSpec) -> list[Backend]:
-    """HAProxy backends: 'chat' (every chat deployment, or smg) and 'embeddings' if any."""
+    """HAProxy backends: the chat ones (or smg), then the embedding ones; see the module doc."""
     lb = _lb(spec)
     result: list[Backend] = []
     chat = chat_deployments(spec)
-    if chat:
-        if lb.router == "haproxy+smg":
-            servers = [Server("smg", "127.0.0.1", lb.router_port, 100, "SGLang model gateway")]
-        else:
-            servers = replica_servers(spec, chat)
-        result.append(Backend(backend_name(chat[0]), servers))
-    embeddings = embedding_deployments(spec)
-    if embeddings:
-        result.append(Backend(backend_name(embeddings[0]), replica_servers(spec, embeddings)))
+    if chat and lb.router == "haproxy+smg":
+        # check_router allows one chat model behind smg: smg does not route by model.
+        models = tuple(dict.fromkeys(served_model(spec, d) for d in chat))
+        smg = Server("smg", "127.0.0.1", lb.router_port, 100, "SGLang model gateway")
+        result.append(Backend("chat", [smg], models))
+    elif chat:
+        result += _model_backends(spec, chat, "chat")
+    result += _model_backends(spec, embedding_deployments(spec), "embeddings")
     return result
+
+
+def model_routes(found: list[Backend]) -> list[ModelRoute]:
+    """The request kinds that need the body's `model` field: those served by several models.
+    With one model per kind, every request of that kind goes to it, whatever it names."""
+    routes = []
+    for embedding, acl, paths in (
+        (False, "chat_api", CHAT_PATHS),
+        (True, "embeddings_api", EMBEDDING_PATHS),
+    ):
+        kind = tuple(b for b in found if b.embedding == embedding)
+        if len(kind) > 1:
+            routes.append(ModelRoute(acl, paths, kind))
+    return routes
+
+
+def models_reply(found: list[Backend]) -> str:
+    """`GET /v1/models` in OpenAI's shape, listing every model the endpoint serves."""
+    data = [
+        {"id": model, "object": "model", "created": 0, "owned_by": "deepfleet"}
+        for backend in found
+        for model in backend.models
+    ]
+    return json.dumps({"object": "list", "data": data})
 
 
 def _lb(spec: ClusterSpec) -> LoadBalancer:
@@ -182,11 +286,50 @@ def check_router(spec: ClusterSpec) -> None:
                 hint="disaggregate every chat deployment, or none",
             )
         )
+    chat_models = sorted({served_model(spec, d) for d in chat_deployments(spec)})
+    if lb.router != "haproxy" and len(chat_models) > 1:
+        problems.append(
+            Problem(
+                f"router {lb.router} would send requests for {chat_models[0]!r} to the engines of "
+                f"{', '.join(repr(m) for m in chat_models[1:])} too: smg does not route by model",
+                path="load_balancer.router",
+                hint="set load_balancer.router: haproxy (one backend per model), or serve one "
+                "chat model",
+            )
+        )
+    embeddings = embedding_deployments(spec)
+    if lb.router == "smg" and embeddings:
+        problems.append(
+            Problem(
+                f"with router smg nothing sends /v1/embeddings to {embeddings[0].name!r}: smg "
+                "balances the chat workers only",
+                path="load_balancer.router",
+                hint="set load_balancer.router: haproxy+smg (HAProxy sends embeddings to their "
+                "engines, chat to smg)",
+            )
+        )
+    if lb.router == "smg" and lb.tls is not None and lb.open_webui:
+        problems.append(
+            Problem(
+                "Open WebUI has no plain-HTTP API to call: with router smg and tls, smg is the "
+                "only listener and serves HTTPS for the certificate's public name",
+                path="load_balancer.open_webui",
+                hint="set load_balancer.router: haproxy+smg (HAProxy keeps a loopback port for "
+                "Open WebUI), or drop tls or open_webui",
+            )
+        )
     if problems:
         raise UserError("the load balancer cannot route these deployments", problems)
 
 
-def smg_args(spec: ClusterSpec) -> list[str]:
+def smg_metrics_host(spec: ClusterSpec, node: Node) -> str:
+    """Where smg serves /metrics: the address Prometheus scrapes (roles.monitoring), or every
+    address when the node is known by name only (a name may not resolve before base ran)."""
+    address = monitored_address(spec, node)
+    return "0.0.0.0" if address == node.name else address
+
+
+def smg_args(spec: ClusterSpec, node: Node) -> list[str]:
     """`smg launch ...` for the chat deployments (flags of smg 1.13.0, `smg launch --help`)."""
     lb = _lb(spec)
     edge = lb.router == "smg"
@@ -213,14 +356,15 @@ def smg_args(spec: ClusterSpec) -> list[str]:
     args += ["--worker-startup-timeout-secs", str(startup)]
     args += ["--request-timeout-secs", str(lb.timeout_s)]
     args += ["--health-check-endpoint", "/health"]
-    args += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(SMG_METRICS_PORT)]
+    args += ["--prometheus-host", smg_metrics_host(spec, node)]
+    args += ["--prometheus-port", str(SMG_METRICS_PORT)]
     if edge and lb.tls is not None:
         args += ["--tls-cert-path", TLS_PEM, "--tls-key-path", TLS_PEM]
     return args
 
 
-def smg_exec_start(spec: ClusterSpec) -> str:
-    line = exec_line(smg_args(spec))
+def smg_exec_start(spec: ClusterSpec, node: Node) -> str:
+    line = exec_line(smg_args(spec, node))
     if _smg_key(spec) is not None:
         # systemd substitutes the value from the EnvironmentFile; the unit holds only the name.
         line += f" \\\n    --api-key ${{{SMG_KEY_VARIABLE}}}"
@@ -236,6 +380,8 @@ def render_haproxy(spec: ClusterSpec, node: Node) -> str:
     lb = _lb(spec)
     found = backends(spec)
     names = [b.name for b in found]
+    routes = model_routes(found)
+    embeddings = [b for b in found if b.embedding]
     allowed = [str(c) for c in lb.allowed_cidrs]
     extra_binds = []
     if lb.open_webui:
@@ -262,7 +408,15 @@ def render_haproxy(spec: ClusterSpec, node: Node) -> str:
         bind=bind,
         extra_binds=extra_binds,
         allowed_cidrs=allowed,
-        embeddings_backend="embeddings" if "embeddings" in names and "chat" in names else None,
+        buffer_bytes=BODY_BUFFER_BYTES if routes else None,
+        routes=routes,
+        model_paths=[path for route in routes for path in route.paths],
+        # Engines list only their own model: with several, HAProxy answers for all of them.
+        models_reply=models_reply(found) if sum(len(b.models) for b in found) > 1 else None,
+        # One embedding model and a chat backend: /v1/embeddings by path, whatever it names.
+        embeddings_backend=(
+            embeddings[0].name if len(embeddings) == 1 and len(found) > 1 else None
+        ),
         default_backend=names[0],
         backends=found,
         resolvers=any(srv.options for b in found for srv in b.servers),
@@ -284,6 +438,7 @@ def render_keepalived(spec: ClusterSpec, node: Node) -> str:
     ]
     return render(
         "load_balancer/keepalived.conf.j2",
+        edge=edge_service(spec),
         vip=lb.vip,
         prefix=prefix,
         node_name=node.name,
@@ -293,16 +448,28 @@ def render_keepalived(spec: ClusterSpec, node: Node) -> str:
     )
 
 
-def open_webui_args(spec: ClusterSpec) -> list[str]:
+def edge_service(spec: ClusterSpec) -> str:
+    """The unit that serves the API port: smg with `router: smg`, else HAProxy."""
+    return "deepfleet-smg.service" if _lb(spec).router == "smg" else "haproxy.service"
+
+
+def open_webui_upstream(spec: ClusterSpec) -> str:
+    """Where Open WebUI calls the API over loopback: HAProxy's plain loopback port when the public
+    port is TLS (HAProxy binds it only then), else the public port, where HAProxy or smg listens
+    on every address. smg with TLS has no plain listener: check_router rejects it."""
     lb = _lb(spec)
-    port = LOOPBACK_PORT if lb.tls is not None else lb.port
+    port = LOOPBACK_PORT if lb.tls is not None and lb.router != "smg" else lb.port
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def open_webui_args(spec: ClusterSpec) -> list[str]:
     return [
         "docker", "run", "--rm", "--name", OPEN_WEBUI_NAME,
         "--network", "host",
         "-v", "deepfleet-open-webui:/app/backend/data",
         "--env-file", OPEN_WEBUI_ENV,
         "-e", f"PORT={OPEN_WEBUI_PORT}",
-        "-e", f"OPENAI_API_BASE_URL=http://127.0.0.1:{port}/v1",
+        "-e", f"OPENAI_API_BASE_URL={open_webui_upstream(spec)}",
         "-e", "ENABLE_OLLAMA_API=false",
         OPEN_WEBUI_IMAGE,
     ]  # fmt: skip
@@ -329,7 +496,11 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
         scheme = "https" if lb.tls else "http"
         role.summary.append(
             f"{HAPROXY_CFG}: {scheme} on :{lb.port} for {', '.join(map(str, lb.allowed_cidrs))}"
-            + (", /v1/embeddings -> embeddings" if len(found) > 1 else "")
+            + "".join(
+                f", POST {' '.join(r.paths)} by model ({', '.join(r.served)})"
+                for r in model_routes(found)
+            )
+            + (", /v1/embeddings -> embeddings" if any(b.embedding for b in found[1:]) else "")
             + f", stats on {management_address(spec, node) or '*'}:{lb.stats_port}"
         )
     if lb.api_key is not None and uses_haproxy:
@@ -377,13 +548,13 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
                         else "cache-aware routing"
                     ),
                     env_file=SMG_ENV if smg_key is not None else None,
-                    exec_start=smg_exec_start(spec),
+                    exec_start=smg_exec_start(spec, node),
                 ),
             )
         )
         role.services.append("deepfleet-smg.service")
         role.summary.append(
-            f"smg {SMG_VERSION} (PyPI) in {SMG_VENV}: {' '.join(smg_args(spec)[1:])}"
+            f"smg {SMG_VERSION} (PyPI) in {SMG_VENV}: {' '.join(smg_args(spec, node)[1:])}"
         )
         if lb.router == "smg":
             role.summary.append(
@@ -402,13 +573,15 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
                 render(
                     "load_balancer/open-webui.service.j2",
                     name=OPEN_WEBUI_NAME,
+                    edge=edge_service(spec),
+                    upstream=open_webui_upstream(spec),
                     exec_start=exec_line(open_webui_args(spec)),
                 ),
             )
         )
         role.services.append(f"{OPEN_WEBUI_NAME}.service")
         role.summary.append(
-            f"Open WebUI ({OPEN_WEBUI_IMAGE}) on :{OPEN_WEBUI_PORT}, using the API over loopback"
+            f"Open WebUI ({OPEN_WEBUI_IMAGE}) on :{OPEN_WEBUI_PORT}, API at {open_webui_upstream(spec)}"
         )
     return role
 

@@ -43,7 +43,9 @@ DCGM_IMAGE = "nvcr.io/nvidia/k8s/dcgm-exporter:4.2.3-4.1.3-ubuntu22.04"
 GRAFANA_REPOSITORY = "https://apt.grafana.com"
 GRAFANA_KEY_URL = "https://apt.grafana.com/gpg.key"
 GRAFANA_VERSION: str | None = None  # e.g. "11.3.0": pin grafana=<version>; None = newest
-SMG_METRICS_PORT = 29000  # smg's --prometheus-port default; the load_balancer role sets it
+SMG_METRICS_PORT = 29000
+"""smg's --prometheus-port. The load_balancer role imports it and binds smg's metrics to
+`management_address()`, the address scraped here, so the two cannot disagree."""
 
 NODE_EXPORTER_DEFAULTS = "/etc/default/prometheus-node-exporter"
 PROMETHEUS_CONFIG = "/etc/prometheus/prometheus.yml"
@@ -190,7 +192,8 @@ def scrape_jobs(spec: ClusterSpec) -> list[ScrapeJob]:
                     ],
                 )
             )
-        if "smg" in lb.router:
+        # smg runs only for chat deployments (roles.load_balancer): no chat, no target.
+        if "smg" in lb.router and any(not d.embedding for d in spec.deployments):
             jobs.append(
                 ScrapeJob(
                     "smg",

@@ -246,9 +246,12 @@ def server_name(dep: Deployment, replica: int) -> str:
 
 
 def haproxy_drains(spec: ClusterSpec, dep: Deployment) -> bool:
-    """Whether HAProxy itself balances the replicas (not smg, which has its own health checks)."""
+    """Whether HAProxy itself balances the replicas (not smg, which has its own health checks).
+    With haproxy+smg, smg gets the chat workers only: embedding replicas stay HAProxy's."""
     lb = spec.load_balancer
-    return lb is not None and lb.router == "haproxy" and dep.disaggregation is None
+    if lb is None or dep.disaggregation is not None:
+        return False
+    return lb.router == "haproxy" or (lb.router == "haproxy+smg" and dep.embedding)
 
 
 LAB_READY_TIMEOUT_S = 120

@@ -13,7 +13,7 @@ import yaml
 from infra.render import FILES_DIR, HostFile
 from infra.spec import ClusterSpec, load_spec
 from infra.validators import ConfigRejected, check_prometheus, check_systemd_units
-from roles import monitoring
+from roles import load_balancer, monitoring
 from tests.conftest import EXAMPLE_SPECS, HOSTS
 
 BAREMETAL = load_spec(HOSTS / "example-baremetal.yaml")
@@ -71,6 +71,39 @@ def test_smg_router_is_scraped_when_used() -> None:
     assert _targets(spec)["smg"] == [
         (f"192.0.2.20:{monitoring.SMG_METRICS_PORT}", {"node": "lb-01"})
     ]
+
+
+@pytest.mark.parametrize("router", ["haproxy+smg", "smg"])
+@pytest.mark.parametrize("spec_path", EXAMPLE_SPECS, ids=lambda p: p.stem)
+def test_smg_metrics_listen_where_prometheus_scrapes(spec_path: Path, router: str) -> None:
+    """smg's --prometheus-host/--prometheus-port (roles.load_balancer) and the smg scrape target
+    agree on every lb node: smg once listened on 127.0.0.1 while Prometheus, on another node,
+    scraped the management address, so the target was always down."""
+    spec = load_spec(spec_path)
+    if spec.load_balancer is None or spec.monitoring is None:
+        pytest.skip("no load balancer or monitoring in this spec")
+    lb = spec.load_balancer.model_copy(update={"router": router})
+    spec = spec.model_copy(update={"load_balancer": lb})
+    scraped = {labels["node"]: target for target, labels in _targets(spec)["smg"]}
+    assert sorted(scraped) == sorted(lb.nodes)
+    for name in lb.nodes:
+        args = load_balancer.smg_args(spec, spec.node(name))
+        host = args[args.index("--prometheus-host") + 1]
+        port = args[args.index("--prometheus-port") + 1]
+        scraped_host, scraped_port = scraped[name].rsplit(":", 1)
+        assert port == scraped_port
+        # The scraped address itself, or every address (a node known by name only).
+        assert host == scraped_host or (host == "0.0.0.0" and scraped_host == name)
+
+
+def test_no_smg_target_without_chat_deployments() -> None:
+    """smg runs only for chat deployments: an embeddings-only cluster has no smg to scrape."""
+    assert LAB.load_balancer is not None
+    lb = LAB.load_balancer.model_copy(update={"router": "haproxy+smg"})
+    deployments = [d.model_copy(update={"embedding": True}) for d in LAB.deployments]
+    spec = LAB.model_copy(update={"load_balancer": lb, "deployments": deployments})
+    assert "smg" not in _targets(spec)
+    assert "haproxy" in _targets(spec)
 
 
 def test_expected_gpu_counts_are_rendered_per_node() -> None:
