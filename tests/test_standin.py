@@ -309,7 +309,17 @@ def test_metrics_use_sglang_names_and_count_tokens() -> None:
         status, headers, before = request(port, "GET", "/metrics")
         reply = chat(port)
         request(port, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": True})  # fmt: skip
-        after = request(port, "GET", "/metrics")[2]
+        # The server's thread counts a stream as finished just after its last byte: on a busy
+        # machine the next scrape can come first, so wait (briefly) for it to settle.
+        deadline = time.monotonic() + 5
+        while True:
+            after = request(port, "GET", "/metrics")[2]
+            running_now = _parse_metrics(after.decode()).get(
+                'sglang:num_running_reqs{model_name="r1"}'
+            )
+            if running_now == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
     text = after.decode()
     for name in (
