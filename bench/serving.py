@@ -247,7 +247,7 @@ def changed_spec(spec_path: str, directory: Path) -> Path:
 
 def deploy(spec: Path, log: list[str]) -> int:
     """The real deploy of SPEC (relative paths in it resolve against the project); logs how
-    many replicas the sglang role restarted."""
+    many replicas the sglang role drained and restarted."""
     from infra.deploy_results import changed_operations, parse_results
 
     started = time.monotonic()
@@ -264,9 +264,10 @@ def deploy(spec: Path, log: list[str]) -> int:
     except ValueError:  # no JSON: pyinfra failed before it could report
         changed = []
     restarts = [name for name in changed if "[sglang] Restart " in name]
+    drains = [name for name in changed if "out of the load balancer" in name]
     log.append(
         f"{time.monotonic() - started:6.1f}s deploy {spec.name}: exit {result.returncode}, "
-        f"{len(restarts)} replica restart(s)"
+        f"{len(restarts)} replica restart(s), {len(drains)} drain(s)"
     )
     if result.returncode != 0:
         log.append(" | ".join((result.stdout + result.stderr).strip().splitlines()[-5:]))

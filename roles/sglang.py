@@ -585,6 +585,9 @@ def _rolling_restart(spec: ClusterSpec, node: Node) -> None:
     steps = rolling_restart_plan(spec)
     present = {h.name.rsplit("/", 1)[-1] for h in host.state.inventory}
     is_anchor = order_anchor(steps, present) == node.name
+    # One operation on every host, before any step: the anchor's first drain must come after
+    # every engine host wrote its units (the drain's condition reads whether they changed).
+    _step("[sglang] Roll changed replicas through, one at a time", [], None)
     for step in host.loop(steps):  # type: ignore[no-untyped-call]
         commands = step.commands.get(node.name, [])
         dep, number = step.deployment, step.replica

@@ -415,8 +415,24 @@ def _run_fake_deploy(tmp_path: Path, running: bool) -> list[tuple[str, str]]:
     assert result.returncode == 0, result.stderr[-3000:]
     text = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
     assert SENTINEL not in text  # the key is uploaded, never printed
+    _LAST_OUTPUT[:] = [text]
     commands = re.findall(r"^\[@fake/([\w-]+)\]\s+>>> (.*)$", text, re.M)
     return [(h, c) for h, c in commands if c.startswith(_ROLLING)]
+
+
+_LAST_OUTPUT: list[str] = []
+
+
+@pytest.mark.slow
+def test_no_replica_is_drained_before_every_engine_host_wrote_its_units(tmp_path: Path) -> None:
+    """The drain's condition reads whether the replica's unit changed: a drain ordered before
+    the engine hosts' unit writes would be skipped and the restart would not be drained."""
+    _run_fake_deploy(tmp_path, running=True)
+    operations = re.findall(r"^--> Starting operation: (.*)$", _LAST_OUTPUT[0], re.M)
+    writes = [i for i, op in enumerate(operations) if "Write /etc/systemd/system/sglang-" in op]
+    drains = [i for i, op in enumerate(operations) if "out of the load balancer" in op]
+    assert writes and drains
+    assert max(writes) < min(drains), [operations[i] for i in (max(writes), min(drains))]
 
 
 @pytest.mark.slow

@@ -137,9 +137,9 @@ def test_a_config_change_rolls_through_with_zero_failed_requests(
     report = json.loads(capsys.readouterr().out)
     assert report["during_exit_code"] == 0, report["steps"]
     deploys = [line for line in report["steps"] if "deploy" in line]
-    # Each deploy restarts both replicas (one at a time, by the role's rolling restart).
+    # Each deploy drains and restarts both replicas (one at a time: the role's rolling restart).
     assert len(deploys) == 2, deploys
-    assert all(line.endswith("2 replica restart(s)") for line in deploys), deploys
+    assert all(line.endswith("2 replica restart(s), 2 drain(s)") for line in deploys), deploys
     assert report["requests_during"] > 0
     assert report["failed"] == 0, report["errors"]
     assert set(report["served_by"]) == {"gpu-01", "gpu-02"}
