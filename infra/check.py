@@ -1156,6 +1156,13 @@ def _parse_port(output: str) -> int | None:
     return int(text) if text.isdigit() and 0 < int(text) < 65536 else None
 
 
+def _allreduce_failed(group: ReplicaNodes, message: str) -> Verdict:
+    """The replica's verdict when its all-reduce could not even start."""
+    verdict = Verdict(node=group.label)
+    verdict.checks.append(_check("nccl.allreduce_nodes", Status.FAIL, None, "ok", message))
+    return verdict
+
+
 def run_multi_node_allreduce(
     spec: ClusterSpec, group: ReplicaNodes, runner: Runner = _run
 ) -> Verdict:
@@ -1170,19 +1177,12 @@ def run_multi_node_allreduce(
     found = runner(ssh_command(spec, head_address, FREE_PORT_COMMAND), "", 60)
     port = _parse_port(found.stdout) if found.returncode == 0 else None
     if port is None:
-        verdict = Verdict(node=group.label)
         why = (found.stderr or found.stdout).strip().splitlines()[-1:] or ["no output"]
-        verdict.checks.append(
-            _check(
-                "nccl.allreduce_nodes",
-                Status.FAIL,
-                None,
-                "ok",
-                f"no free port from {head.name} ({head_address}): {why[0]}; "
-                "it needs python3 on the node",
-            )
+        return _allreduce_failed(
+            group,
+            f"no free port from {head.name} ({head_address}): {why[0]}; "
+            "it needs python3 on the node",
         )
-        return verdict
     script = BURNIN_SCRIPT.read_text(encoding="utf-8")
 
     def one(name: str) -> tuple[str, dict[str, Any] | None, str | None]:
@@ -1243,17 +1243,9 @@ def replica_allreduce_checks(
         try:
             verdicts.append(run_multi_node_allreduce(spec, group, runner))
         except subprocess.TimeoutExpired:
-            verdict = Verdict(node=group.label)
-            verdict.checks.append(
-                _check(
-                    "nccl.allreduce_nodes",
-                    Status.FAIL,
-                    None,
-                    "ok",
-                    f"{group.nodes[0]} did not answer for a free port",
-                )
+            verdicts.append(
+                _allreduce_failed(group, f"{group.nodes[0]} did not answer for a free port")
             )
-            verdicts.append(verdict)
     return verdicts
 
 

@@ -186,12 +186,12 @@ def _tree_order(records: Sequence[RecordedResource]) -> list[ResourceRow]:
     return rows
 
 
-def resource_graph(spec: ClusterSpec, maas_url: str | None = None) -> list[ResourceRow]:
-    """Every resource `pulumi up` would create for `spec`, parents before children.
+def cluster_resources(spec: ClusterSpec, maas_url: str | None = None) -> list[RecordedResource]:
+    """Every resource `pulumi up` would create for `spec`, with the inputs the mocks recorded.
 
-    The baremetal bootstrap is listed as if its secret key and a deploy public key were set;
+    The baremetal bootstrap is recorded as if its secret key and a deploy public key were set;
     MAAS re-imaging only when `maas_url` is given (as `deepfleet:maasUrl` would). A lab spec has
-    no Pulumi stack (`deepfleet lab up` makes its nodes): its graph is empty."""
+    no Pulumi stack (`deepfleet lab up` makes its nodes): no resources."""
     from infra.components import Cluster, ClusterArgs
 
     if spec.provider.kind == "lab":
@@ -209,7 +209,12 @@ def resource_graph(spec: ClusterSpec, maas_url: str | None = None) -> list[Resou
             ),
         )
 
-    return _tree_order(run_offline(program).resources)
+    return run_offline(program).resources
+
+
+def resource_graph(spec: ClusterSpec, maas_url: str | None = None) -> list[ResourceRow]:
+    """`cluster_resources` as rows, parents before children."""
+    return _tree_order(cluster_resources(spec, maas_url))
 
 
 def render_tree(rows: Sequence[ResourceRow]) -> list[str]:

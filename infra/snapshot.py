@@ -58,31 +58,15 @@ def _pulumi_resources(spec: ClusterSpec) -> Snapshot:
     """Each resource's inputs as the mocks recorded them, one property per line, so that a diff
     shows which property of which resource a change touches (e.g. `instanceType`)."""
     try:
-        import pulumi
-
-        from infra.components import Cluster, ClusterArgs
-        from infra.pulumi_graph import PLACEHOLDER_KEY, run_offline
+        from infra.pulumi_graph import cluster_resources
     except ImportError:
         return {}
-    if spec.provider.kind == "lab":
-        return {}
-
-    # The same program `infra.pulumi_graph.resource_graph` runs; that one keeps only the rows.
-    def program() -> None:
-        Cluster(
-            spec.name,
-            ClusterArgs(
-                spec=spec,
-                ssh_private_key=pulumi.Output.secret(PLACEHOLDER_KEY),
-                deploy_public_key="ssh-ed25519 AAAA offline-placeholder",
-            ),
-        )
 
     resources: dict[str, str] = {}
-    for record in run_offline(program).resources:
+    for record in cluster_resources(spec):
         lines = [f"parent: {record.parent}", *property_lines(record.inputs)]
         resources[f"{record.type} {record.name}"] = "\n".join(lines) + "\n"
-    return {"pulumi": resources}
+    return {"pulumi": resources} if resources else {}  # a lab spec has no stack
 
 
 def property_lines(value: Any, path: str = "") -> Iterator[str]:
