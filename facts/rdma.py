@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from ipaddress import IPv4Address
 from typing import TypedDict
 
 from pyinfra.api.facts import FactBase
+
+# The GID table and its selection live with the node script the engines run (deepfleet-nccl-env).
+from facts.roce_gid import Gid
 
 # --- ibstat ---------------------------------------------------------------------------------
 
@@ -178,17 +180,6 @@ class RdmaLinks(FactBase[list[RdmaLink]]):
 
 # --- RoCE GID table (what show_gids prints) ---------------------------------------------------
 
-IPV4_MAPPED_PREFIX = "0000:0000:0000:0000:0000:ffff:"
-
-
-class Gid(TypedDict):
-    device: str
-    port: int
-    index: int
-    gid: str
-    netdev: str | None
-    type: str  # "IB/RoCE v1" or "RoCE v2"
-
 
 def parse_gids(lines: list[str]) -> list[Gid]:
     gids: list[Gid] = []
@@ -212,14 +203,6 @@ def parse_gids(lines: list[str]) -> list[Gid]:
     return gids
 
 
-def gid_ipv4(gid: str) -> IPv4Address | None:
-    """The IPv4 address inside an IPv4-mapped GID (::ffff:a.b.c.d), else None."""
-    if not gid.startswith(IPV4_MAPPED_PREFIX):
-        return None
-    high, low = gid[len(IPV4_MAPPED_PREFIX) :].split(":")
-    return IPv4Address(int(high + low, 16))
-
-
 class RoceGids(FactBase[list[Gid]]):
     """The populated GID table entries of every RDMA port, read from sysfs like show_gids."""
 
@@ -240,27 +223,6 @@ class RoceGids(FactBase[list[Gid]]):
     @staticmethod
     def default() -> list[Gid]:
         return []
-
-
-def nccl_gid_index(
-    gids: Sequence[Gid], device: str, port: int = 1, netdev: str | None = None
-) -> int | None:
-    """The GID index NCCL should use on DEVICE/PORT: RoCE v2 with an IPv4-mapped address.
-
-    With several such entries (addresses on several VLANs), the one on NETDEV wins; otherwise
-    the lowest index. None when the port has no RoCE v2 IPv4 GID (no address on its netdev).
-    """
-    candidates = [
-        g
-        for g in gids
-        if g["device"] == device
-        and g["port"] == port
-        and g["type"] == "RoCE v2"
-        and gid_ipv4(g["gid"]) is not None
-    ]
-    if netdev is not None and any(g["netdev"] == netdev for g in candidates):
-        candidates = [g for g in candidates if g["netdev"] == netdev]
-    return min((g["index"] for g in candidates), default=None)
 
 
 # --- checks against the spec --------------------------------------------------------------------

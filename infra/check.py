@@ -58,6 +58,7 @@ MAX_TTFT_P95_S = 10.0
 """Same limit as the SglangTtftP95High alert."""
 MANIFEST = "SHA256SUMS"
 BURNIN_REMOTE_DIR = "/opt/deepfleet"
+BURNIN_NCCL_ENV = f"{BURNIN_REMOTE_DIR}/nccl.env"
 BURNIN_SCRIPT = Path(__file__).resolve().parent / "acceptance" / "burnin.py"
 SECTION_MARKER = "@@deepfleet-section"
 SSH_UNREACHABLE = 255
@@ -1086,6 +1087,9 @@ class ReplicaNodes:
     """Per node: the engine's NCCL environment (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...)."""
     rdma: frozenset[str]
     """Nodes with RDMA ports: their container gets /dev/infiniband, as the engine's does."""
+    gid_probe: Mapping[str, Sequence[str]]
+    """Per RoCE node whose engine reads NCCL_IB_GID_INDEX at start: the same probe, writing
+    `BURNIN_NCCL_ENV` for the all-reduce's container."""
     image: str
     gpu_model: str | None
     gpus_per_node: int
@@ -1099,7 +1103,7 @@ def multi_node_replicas(spec: ClusterSpec) -> list[ReplicaNodes]:
     """Every replica of more than one node, with the addresses and environment its engines use
     (infra/sglang.py), so the all-reduce takes the path the engine's NCCL takes."""
     from infra.inventory import node_addresses
-    from infra.sglang import launches_for_spec
+    from infra.sglang import launches_for_spec, nccl_env_probe
 
     launches = launches_for_spec(spec, node_addresses(spec))
     groups: list[ReplicaNodes] = []
@@ -1123,6 +1127,11 @@ def multi_node_replicas(spec: ClusterSpec) -> list[ReplicaNodes]:
                     master_addr=head.dist_init_addr.rsplit(":", 1)[0],
                     env={name: dict(mine[name].env) for name in replica},
                     rdma=frozenset(name for name in replica if spec.node(name).rdma),
+                    gid_probe={
+                        name: nccl_env_probe(spec.node(name), BURNIN_NCCL_ENV)
+                        for name in replica
+                        if mine[name].nccl_env_command
+                    },
                     image=deployment.image,
                     gpu_model=first.gpus.model if first.gpus else None,
                     gpus_per_node=first.gpus.count if first.gpus else 0,
@@ -1138,6 +1147,12 @@ def allreduce_command(group: ReplicaNodes, node: str, port: int) -> str:
     docker += ["--ulimit", "memlock=-1"]
     if node in group.rdma:
         docker += ["--device", "/dev/infiniband", "--cap-add", "IPC_LOCK"]
+    steps = [f"mkdir -p {BURNIN_REMOTE_DIR}", f"cat > {BURNIN_REMOTE_DIR}/burnin.py"]
+    probe = group.gid_probe.get(node)
+    if probe:
+        # Its one line of output goes to stderr: stdout is burnin.py's JSON report.
+        steps.append(shlex.join(probe) + " >&2")
+        docker += ["--env-file", BURNIN_NCCL_ENV]
     env = group.env[node]
     for key in sorted(env):
         docker += ["-e", f"{key}={env[key]}"]
@@ -1146,9 +1161,7 @@ def allreduce_command(group: ReplicaNodes, node: str, port: int) -> str:
     docker += ["--ranks", str(group.gpus_per_node), "--nnodes", str(len(group.nodes))]
     docker += ["--node-rank", str(group.nodes.index(node))]
     docker += ["--master-addr", group.master_addr, "--master-port", str(port)]
-    return f"mkdir -p {BURNIN_REMOTE_DIR} && cat > {BURNIN_REMOTE_DIR}/burnin.py && " + shlex.join(
-        docker
-    )
+    return " && ".join([*steps, shlex.join(docker)])
 
 
 def _parse_port(output: str) -> int | None:

@@ -5,6 +5,12 @@ line (`engine_args`), the `docker run` that wraps it (`container_args`), the NCC
 environment and the unit name. Everything comes from the spec (and the model catalog for the
 weight size); nothing here touches a host. See docs/sglang.md.
 
+On nodes with RoCE ports, the unit runs `NCCL_ENV_SCRIPT` before the container starts: it reads
+the node's GID table and writes ``NCCL_IB_GID_INDEX`` to `EngineLaunch.nccl_env_file`, which
+the container reads (`--env-file`). The index is the node's, at that moment: it moves with the
+order addresses were added, so no value fixed at deploy time can be trusted. A deployment's
+``env`` that sets ``NCCL_IB_GID_INDEX`` pins it instead (no probe).
+
 The API key never appears in a command: the engine reads it from `$SGLANG_API_KEY`, which the
 container gets from the deployment's env file (written on the node, mode 0600, from the spec's
 SecretRef at deploy time) and which the container's shell expands when it starts the engine.
@@ -18,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
+from facts.roce_gid import Port
 from infra.errors import Problem, UserError
 from infra.gpus import declared_gpu
 from infra.models import ModelArch, resolve_model
@@ -30,9 +37,10 @@ MODELS_DIR = "/models"
 ENV_DIR = "/etc/deepfleet"
 API_KEY_VARIABLE = "SGLANG_API_KEY"
 API_KEY_REFERENCE = "${" + API_KEY_VARIABLE + "}"
-ROCE_V2_GID_INDEX = "3"
-"""NCCL_IB_GID_INDEX for RoCE v2 over IPv4 on ConnectX with the default GID table; override it
-with the deployment's env (NCCL_IB_GID_INDEX) where `show_gids` says otherwise."""
+GID_INDEX_VARIABLE = "NCCL_IB_GID_INDEX"
+NCCL_ENV_SCRIPT = "/usr/local/sbin/deepfleet-nccl-env"
+"""facts/roce_gid.py on the node: writes NCCL_IB_GID_INDEX from the RoCE GID table."""
+NCCL_ENV_DIR = "/run/deepfleet"
 
 STORAGE_READ_GB_PER_S = 0.25
 """A conservative rate at which one node reads weights from shared storage (250 MB/s: NFS over
@@ -91,6 +99,10 @@ class EngineLaunch:
     env: dict[str, str] = field(default_factory=dict)
     env_file: str | None = None
     """The env file holding SGLANG_API_KEY, when the deployment has an api_key."""
+    nccl_env_file: str | None = None
+    """Where `nccl_env_command` writes NCCL_IB_GID_INDEX at every start (RoCE nodes)."""
+    nccl_env_command: list[str] = field(default_factory=list)
+    """The unit's ExecStartPre that discovers the GID index; empty without RoCE ports."""
     dist_init_addr: str | None = None
     role: str = "serve"
     """'serve', or 'prefill' / 'decode' with disaggregation."""
@@ -160,6 +172,11 @@ def _launch(
     env = _nccl_env(node, network)
     env.update(deployment.env)
     env_file = env_file_path(deployment) if deployment.api_key is not None else None
+    nccl_env_file = None
+    nccl_env_command: list[str] = []
+    if roce_ports(node) and GID_INDEX_VARIABLE not in deployment.env:
+        nccl_env_file = f"{NCCL_ENV_DIR}/{unit}.nccl.env"
+        nccl_env_command = nccl_env_probe(node, nccl_env_file)
     return EngineLaunch(
         deployment=deployment.name,
         replica=replica,
@@ -168,13 +185,33 @@ def _launch(
         unit_name=unit,
         engine_args=engine_args,
         container_args=_container_args(
-            spec, deployment, model, node, unit, env, env_file, engine_args
+            spec,
+            deployment,
+            model,
+            node,
+            unit,
+            env,
+            [f for f in (env_file, nccl_env_file) if f is not None],
+            engine_args,
         ),
         env=env,
         env_file=env_file,
+        nccl_env_file=nccl_env_file,
+        nccl_env_command=nccl_env_command,
         dist_init_addr=dist_init_addr,
         role=role,
     )
+
+
+def roce_ports(node: Node) -> list[Port]:
+    """NODE's RoCE ports, as the GID probe takes them (the spec's netdev picks among VLANs)."""
+    return [Port(d.device, d.port, d.interface) for d in node.rdma if d.link_layer == "ethernet"]
+
+
+def nccl_env_probe(node: Node, out: str) -> list[str]:
+    """The command that writes NCCL_IB_GID_INDEX for NODE's RoCE ports to OUT."""
+    ports = [":".join(str(part) for part in p if part is not None) for p in roce_ports(node)]
+    return [NCCL_ENV_SCRIPT, "--out", out, *ports]
 
 
 def _role(deployment: Deployment, replica: int) -> str:
@@ -369,8 +406,6 @@ def _nccl_env(node: Node, network: Network | None) -> dict[str, str]:
     if node.rdma:
         # '=' makes NCCL match the names exactly (mlx5_1 would otherwise also pick mlx5_10).
         env["NCCL_IB_HCA"] = "=" + ",".join(f"{d.device}:{d.port}" for d in node.rdma)
-        if any(d.link_layer == "ethernet" for d in node.rdma):
-            env["NCCL_IB_GID_INDEX"] = ROCE_V2_GID_INDEX
     env["NCCL_DEBUG"] = "WARN"
     return env
 
@@ -382,7 +417,7 @@ def _container_args(
     node: Node,
     unit: str,
     env: Mapping[str, str],
-    env_file: str | None,
+    env_files: Sequence[str],
     engine_args: Sequence[str],
 ) -> list[str]:
     storage = spec.storage_named(model.storage)
@@ -396,16 +431,18 @@ def _container_args(
         # What RDMA needs and nothing more: the verbs devices and pinning memory (no --privileged).
         args += ["--device", "/dev/infiniband", "--cap-add", "IPC_LOCK"]
     args += ["-v", f"{weights}:{MODELS_DIR}/{model.path}:ro"]
-    if env_file is not None:
+    for env_file in env_files:
         args += ["--env-file", env_file]
+    # docker lets -e override a key the env files also set.
     for key in sorted(env):
         args += ["-e", f"{key}={env[key]}"]
-    if env_file is not None and API_KEY_REFERENCE in engine_args:
+    key_file = env_file_path(deployment)
+    if key_file in env_files and API_KEY_REFERENCE in engine_args:
         # The shell inside the container expands ${SGLANG_API_KEY} from the env file, so the
         # key is in no command line on the host, in no unit file and in no plan.
         # ${VAR:?} stops the start when the env file lacks the key: an empty --api-key would
         # serve without authentication.
-        guarded = f'"${{{API_KEY_VARIABLE}:?is not set in {env_file}}}"'
+        guarded = f'"${{{API_KEY_VARIABLE}:?is not set in {key_file}}}"'
         script = "exec " + " ".join(
             guarded if a == API_KEY_REFERENCE else shlex.quote(a) for a in engine_args
         )

@@ -6,14 +6,16 @@ newer can arrive by an upgrade); repository and key URLs come from the spec.
 
 The checks read ``ibstat`` (state, rate, link layer per port) and say which node, device and
 port is down or slow: the field recipes lost days to NICs not seen until reseated and to bad
-optics. For the serving role, `nccl_ib_env` turns the RoCE GID table (`facts.rdma.RoceGids`)
-into ``NCCL_IB_HCA`` and ``NCCL_IB_GID_INDEX``.
+optics.
 
-The engines do not read that table yet: infra/sglang.py gives them ``NCCL_IB_GID_INDEX`` =
-``ROCE_V2_GID_INDEX`` (3) unless a deployment's ``env`` says otherwise. With an address on a
-second netdev (a VLAN on the bond) the RoCE v2 IPv4 entry moves (to 5, say) and NCCL would use
-the wrong GID, so the port check fails when the index found on the node differs from the one
-the node's engines get (`gid_index_problems`), and says which ``env`` to set.
+RoCE GID index for NCCL: which entry of the GID table is the RoCE v2 one with the port's IPv4
+address depends on the order addresses were added (3 on a plain port, 5 once a VLAN address
+came first, ...). The engines read it themselves at every start (`facts.roce_gid`, installed
+by the sglang role as deepfleet-nccl-env and run by each RoCE engine unit), so the value is
+the node's and never a guess. This role reads the same table (`facts.rdma.RoceGids`) with the
+same selection and fails the deploy, naming node and port, when no good index exists
+(`roce_problems`) or when a deployment pins ``NCCL_IB_GID_INDEX`` in its ``env`` to another
+index (`gid_index_problems`).
 
 Lab: no RDMA hardware and no vendor repositories; GPU nodes get a skipped plan that still
 lists what production does, and the deploy logs one line saying the role is skipped.
@@ -31,9 +33,10 @@ from pyinfra.facts.server import Arch, LinuxDistribution
 from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
 
-from facts.rdma import CaInfo, Gid, IbStat, RoceGids, WantedPort, nccl_gid_index, port_problems
+from facts.rdma import CaInfo, IbStat, RoceGids, WantedPort, port_problems
+from facts.roce_gid import Gid, choose_index
 from infra.render import RolePlan, render
-from infra.sglang import ROCE_V2_GID_INDEX
+from infra.sglang import GID_INDEX_VARIABLE, roce_ports
 from infra.spec import ClusterSpec, Node
 from roles import _converge as converge
 from roles._apt import refresh_lists
@@ -55,11 +58,6 @@ DEFAULT_DOCA_VERSION = "2.9.1"
 DOCA_KEYRING = f"{KEYRING_DIR}/doca.asc"
 DOCA_SOURCE = "/etc/apt/sources.list.d/deepfleet-doca.list"
 DOCA_PACKAGE = "doca-ofed"
-# Where nothing better is known offline: on mlx5 with an IPv4 address, index 3 is the RoCE v2
-# IPv4-mapped entry (0/1: link-local v1/v2, 2/3: IPv4 v1/v2). The fact decides on the node.
-# The engines' value (infra/sglang.py), so that the offline env and the engines agree.
-DEFAULT_ROCE_GID_INDEX = int(ROCE_V2_GID_INDEX)
-GID_INDEX_VARIABLE = "NCCL_IB_GID_INDEX"
 
 
 def doca_version(spec: ClusterSpec) -> str:
@@ -83,109 +81,56 @@ def wanted_ports(node: Node) -> list[WantedPort]:
 
 
 def roce_problems(node: Node, gids: Sequence[Gid]) -> list[str]:
-    """Ethernet (RoCE) ports without a RoCE v2 IPv4 GID: NCCL would have no index to use."""
-    found = []
-    for device in node.rdma:
-        if device.link_layer != "ethernet":
-            continue
-        if nccl_gid_index(gids, device.device, device.port, device.interface) is None:
-            found.append(
-                f"{node.name} {device.device} port {device.port}: no RoCE v2 GID with an IPv4 "
-                f"address (is {device.interface or 'its netdev'} up with its address? netplan)"
-            )
-    return found
+    """What would stop NODE's engines at start: a RoCE port without a RoCE v2 IPv4 GID, or
+    ports whose indexes differ. The same words deepfleet-nccl-env writes to the unit's journal,
+    from the same selection (`choose_index`), so the deploy fails before an engine would."""
+    ports = roce_ports(node)
+    if not ports:
+        return []
+    _, problems = choose_index(gids, ports)
+    return [f"{node.name} {problem}" for problem in problems]
 
 
-def engine_gid_indexes(spec: ClusterSpec, node: Node) -> dict[str, str]:
-    """NCCL_IB_GID_INDEX of the engines NODE runs, by deployment, as infra/sglang.py sets it:
-    ``ROCE_V2_GID_INDEX`` unless the deployment's ``env`` names another value.
-
-    A node outside every deployment maps "" to the default: the value any deployment placed
-    there later would get. (tests/test_gpu_stack.py compares this with the engines' env.)
-    """
-    indexes = {
-        deployment.name: deployment.env.get(GID_INDEX_VARIABLE, ROCE_V2_GID_INDEX).strip()
+def engine_gid_overrides(spec: ClusterSpec, node: Node) -> dict[str, str]:
+    """NCCL_IB_GID_INDEX that deployments on NODE pin in their ``env``, by deployment. Their
+    engines take it instead of the index found at start (infra/sglang.py)."""
+    return {
+        deployment.name: deployment.env[GID_INDEX_VARIABLE].strip()
         for deployment in spec.deployments
-        if any(node.name in replica for replica in deployment.replicas)
+        if GID_INDEX_VARIABLE in deployment.env
+        and any(node.name in replica for replica in deployment.replicas)
     }
-    return indexes or {"": ROCE_V2_GID_INDEX}
 
 
 def gid_index_problems(spec: ClusterSpec, node: Node, gids: Sequence[Gid]) -> list[str]:
-    """RoCE ports whose RoCE v2 IPv4 GID is not at the index NODE's engines give NCCL.
+    """Deployments whose pinned NCCL_IB_GID_INDEX is not where NODE's RoCE v2 IPv4 GID is.
 
     NCCL then uses whatever sits at that index (a GID on another VLAN, or a RoCE v1 entry):
-    connections fail or run over the wrong network. Ports without such a GID are left to
-    `roce_problems`.
+    connections fail or run over the wrong network. A table without one good index is
+    `roce_problems`' to report.
     """
-    found_at = {
-        (d.device, d.port, d.interface): index
-        for d in node.rdma
-        if d.link_layer == "ethernet"
-        and (index := nccl_gid_index(gids, d.device, d.port, d.interface)) is not None
-    }
-    engines = engine_gid_indexes(spec, node)
-    found: list[str] = []
-    for (device, port, interface), index in found_at.items():
-        wrong = sorted((name, value) for name, value in engines.items() if value != str(index))
-        if not wrong:
-            continue
-        users = ", ".join(
-            f"deployment {name} uses {GID_INDEX_VARIABLE}={value}"
-            if name
-            else f"deepfleet's default for engines is {GID_INDEX_VARIABLE}={value}"
-            for name, value in wrong
+    ports = roce_ports(node)
+    index, _ = choose_index(gids, ports)
+    if not ports or index is None:
+        return []
+    wrong = sorted(
+        (name, value)
+        for name, value in engine_gid_overrides(spec, node).items()
+        if value != str(index)
+    )
+    if not wrong:
+        return []
+    return [
+        f"{node.name}: the RoCE v2 IPv4 GID of {', '.join(map(str, ports))} is at index {index}, "
+        + ", ".join(
+            f"but deployment {name} pins {GID_INDEX_VARIABLE}={value}" for name, value in wrong
         )
-        where = ", ".join(f"deployments[{name}].env" for name, _ in wrong if name) or (
-            "the env of every deployment you place on this node"
-        )
-        found.append(
-            f"{node.name} {device} port {port}: the RoCE v2 IPv4 GID is at index {index}"
-            f"{f' (on {interface})' if interface else ''}, but {users}; NCCL would use the "
-            f'wrong GID. Fix: set {GID_INDEX_VARIABLE}: "{index}" in {where} in the spec '
-            f"(check with `show_gids {device}`)"
-        )
-    if len(set(found_at.values())) > 1:
-        found.append(
-            f"{node.name}: the RoCE v2 IPv4 GID indexes differ between ports ("
-            + ", ".join(
-                f"{d}/{p} {i}"
-                for (d, p, _), i in sorted(found_at.items(), key=lambda item: item[0][:2])
-            )
-            + f") and {GID_INDEX_VARIABLE} takes one value: give every RoCE netdev its "
-            "addresses in the same order (netplan)"
-        )
-    return found
-
-
-def nccl_ib_env(node: Node, gids: Sequence[Gid] | None = None) -> dict[str, str]:
-    """NCCL settings for NODE's RDMA ports, for the serving role's container environment.
-
-    ``gids`` is ``host.get_fact(RoceGids)`` on the node; without it (offline plans) the GID
-    index is the mlx5 default. Raises ValueError when the RoCE ports disagree on the index
-    (NCCL takes one value) or when a RoCE port has none.
-    """
-    if not node.rdma:
-        return {}
-    # "=" makes NCCL match the names exactly (mlx5_1 would otherwise also pick mlx5_10..).
-    env = {"NCCL_IB_HCA": "=" + ",".join(f"{d.device}:{d.port}" for d in node.rdma)}
-    roce = [d for d in node.rdma if d.link_layer == "ethernet"]
-    if not roce:
-        return env
-    if gids is None:
-        env["NCCL_IB_GID_INDEX"] = str(DEFAULT_ROCE_GID_INDEX)
-        return env
-    indexes = {d.device: nccl_gid_index(gids, d.device, d.port, d.interface) for d in roce}
-    missing = sorted(device for device, index in indexes.items() if index is None)
-    if missing:
-        raise ValueError(f"{node.name}: no RoCE v2 IPv4 GID on {', '.join(missing)}")
-    if len(set(indexes.values())) != 1:
-        raise ValueError(
-            f"{node.name}: RoCE GID indexes differ between devices {indexes}; NCCL_IB_GID_INDEX "
-            "takes one value: give every RoCE netdev its address in the same order"
-        )
-    env["NCCL_IB_GID_INDEX"] = str(next(iter(indexes.values())))
-    return env
+        + "; NCCL would use the wrong GID. Fix: remove "
+        + f"{GID_INDEX_VARIABLE} from "
+        + ", ".join(f"deployments[{name}].env" for name, _ in wrong)
+        + f' in the spec (engines then read the index at start), or set it to "{index}" '
+        + f"(check with `show_gids {ports[0].device}`)"
+    ]
 
 
 def concerns(spec: ClusterSpec, node: Node) -> bool:
@@ -204,8 +149,11 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
         )
         or "every port the spec lists under rdma:"
     )
-    engines = ", ".join(
-        f"{name or 'default'}={value}" for name, value in engine_gid_indexes(spec, node).items()
+    pinned = engine_gid_overrides(spec, node)
+    gid_source = (
+        "pinned by " + ", ".join(f"{name}'s env ({value})" for name, value in pinned.items())
+        if pinned
+        else "read from the GID table at every engine start (deepfleet-nccl-env, role sglang)"
     )
     summary = [
         f"add the DOCA repository {nvidia.doca_repository}/{version}/ubuntu<release>/<arch> "
@@ -219,8 +167,8 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
         + ")",
         "enable openibd; restart it only when the driver package changed",
         f"check ports with ibstat: {ports}",
-        "RoCE: the GID table's RoCE v2 IPv4 entry must sit at the engines' "
-        f"{GID_INDEX_VARIABLE} ({engines})",
+        "RoCE: every port needs a RoCE v2 GID with an IPv4 address, at one index for all "
+        f"ports; the engines' {GID_INDEX_VARIABLE} is {gid_source}",
     ]
     if spec.is_lab:
         return RolePlan(
@@ -305,11 +253,9 @@ def _gids() -> list[Gid]:
 
 
 __all__ = [
-    "DEFAULT_ROCE_GID_INDEX",
     "apply",
-    "engine_gid_indexes",
+    "engine_gid_overrides",
     "gid_index_problems",
-    "nccl_ib_env",
     "plan",
     "roce_problems",
 ]

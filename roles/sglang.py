@@ -34,12 +34,16 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.context import ctx_state
 from pyinfra.operations import files, server, systemd
 
+from facts import roce_gid
 from facts.engine import container_differences, expected_container
 from infra.errors import Problem, UserError
 from infra.inventory import PROJECT_DIR
 from infra.render import HostFile, RolePlan, render
 from infra.sglang import (
     API_KEY_VARIABLE,
+    GID_INDEX_VARIABLE,
+    NCCL_ENV_DIR,
+    NCCL_ENV_SCRIPT,
     EngineLaunch,
     dist_timeout_s,
     env_file_path,
@@ -59,6 +63,8 @@ ADMIN_SOCKET = "/run/haproxy/admin.sock"
 IMAGE_CACHE = "/var/cache/deepfleet/images"
 """Node directory for image tarballs: air-gapped sites drop `<image slug>.tar` here and the
 role loads it instead of pulling; the lab uploads the stand-in archive here."""
+NCCL_ENV_SOURCE = Path(roce_gid.__file__)
+"""Installed as NCCL_ENV_SCRIPT: the same selection the mellanox role's check makes."""
 STOP_SECONDS = 30
 RESTART_SECONDS = 10
 READY_INTERVAL_SECONDS = 5
@@ -200,6 +206,7 @@ def render_unit(spec: ClusterSpec, launch: EngineLaunch) -> HostFile:
             lab=spec.is_lab,
             mounts=mounts,
             exec_start=exec_line(launch.container_args),
+            nccl_env_probe=exec_line(launch.nccl_env_command) if launch.nccl_env_command else "",
             stop_seconds=STOP_SECONDS,
             restart_seconds=RESTART_SECONDS,
             start_timeout=900,
@@ -370,6 +377,12 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
             mode="755",
         )
     )
+    if any(launch.nccl_env_command for launch in launches):
+        role.files.append(HostFile(NCCL_ENV_SCRIPT, NCCL_ENV_SOURCE.read_text(), mode="755"))
+        role.summary.append(
+            f"{NCCL_ENV_SCRIPT}: each RoCE engine's unit runs it before the container starts; it "
+            f"writes {GID_INDEX_VARIABLE} from the node's GID table to {NCCL_ENV_DIR}/<unit>.nccl.env"
+        )
     for launch in launches:
         role.files.append(render_unit(spec, launch))
         role.services.append(f"{launch.unit_name}.service")
@@ -495,6 +508,8 @@ def _install_engines(spec: ClusterSpec, node: Node, role: RolePlan) -> None:
     image_ids: dict[str, str | None] = {}
     image_ops = _install_image(spec, launches, image_ids)
     put_file(next(f for f in role.files if f.path == READY_SCRIPT), ROLE)
+    probe = next((f for f in role.files if f.path == NCCL_ENV_SCRIPT), None)
+    probe_ops = [put_file(probe, ROLE)] if probe is not None else []
 
     env_ops: dict[str, list[OperationMeta]] = {}
     for launch in launches:
@@ -546,6 +561,7 @@ def _install_engines(spec: ClusterSpec, node: Node, role: RolePlan) -> None:
             # A running engine restarts, in turn, when anything it runs from changed.
             _CHANGES.setdefault(key, []).extend(
                 [unit_ops[launch.unit_name], *env_ops[launch.deployment], *image_ops]
+                + (probe_ops if launch.nccl_env_command else [])
             )
         # A stopped engine just starts (nothing to drain); rolling waits for it to serve.
         start = converge.service(

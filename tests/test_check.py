@@ -386,6 +386,12 @@ def test_multi_node_replicas_use_the_engines_network_and_environment() -> None:
     assert group.env["gpu-02"]["NCCL_IB_HCA"] == "=mlx5_0:1,mlx5_1:1"
     assert (group.gpu_model, group.gpus_per_node) == ("H100", 8)
     assert group.rdma == {"gpu-01", "gpu-02"}
+    # The engines' GID probe, writing where the all-reduce's container reads.
+    for node, launch in engines.items():
+        ports = launch.nccl_env_command[launch.nccl_env_command.index("--out") + 2 :]
+        assert group.gid_probe[node] == [
+            "/usr/local/sbin/deepfleet-nccl-env", "--out", "/opt/deepfleet/nccl.env", *ports
+        ]  # fmt: skip
     assert check.multi_node_replicas(LAB) == []  # one node per replica
 
 
@@ -394,8 +400,18 @@ def test_allreduce_command_is_what_burnin_py_parses() -> None:
     command = check.allreduce_command(group, "gpu-02", 29511)
     prefix = "mkdir -p /opt/deepfleet && cat > /opt/deepfleet/burnin.py && "
     assert command.startswith(prefix)
-    argv = shlex.split(command.removeprefix(prefix))
+    # The engine's own GID probe first (its line to stderr: stdout is the JSON report).
+    probe, docker = command.removeprefix(prefix).split(" >&2 && ")
+    assert shlex.split(probe) == [
+        "/usr/local/sbin/deepfleet-nccl-env",
+        "--out",
+        "/opt/deepfleet/nccl.env",
+        "mlx5_0:1:bond1.12",
+        "mlx5_1:1:bond1.12",
+    ]
+    argv = shlex.split(docker)
     assert argv[:3] == ["docker", "run", "--rm"]
+    assert argv[argv.index("--env-file") + 1] == "/opt/deepfleet/nccl.env"
     assert "--device" in argv and argv[argv.index("--device") + 1] == "/dev/infiniband"
     assert "NCCL_SOCKET_IFNAME=bond1.12" in argv and "NCCL_IB_HCA==mlx5_0:1,mlx5_1:1" in argv
     script = argv.index("/opt/deepfleet/burnin.py")

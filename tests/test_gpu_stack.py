@@ -8,6 +8,7 @@ rewrites the expected commands; review the diff like any other change.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -22,14 +23,13 @@ from pyinfra.facts.deb import DebPackages
 from facts.docker import parse_docker_info, problems, runtimes
 from facts.nvidia import parse_kernel_module, parse_nvidia_smi, reboot_pending
 from facts.rdma import (
-    gid_ipv4,
-    nccl_gid_index,
     parse_gids,
     parse_ibstat,
     parse_ibv_devinfo,
     parse_rdma_link,
     port_problems,
 )
+from facts.roce_gid import Gid, gid_ipv4, nccl_gid_index
 from infra.sglang import launches_for_node
 from infra.spec import ClusterSpec, NvidiaStack, load_spec
 from roles import container_runtime, mellanox, nvidia_driver
@@ -250,14 +250,24 @@ def test_roce_gid_index_for_nccl() -> None:
     assert nccl_gid_index(parse_gids(lines("gids-no-address.txt")), "mlx5_0") is None
 
 
-def test_nccl_ib_env_for_the_serving_role() -> None:
-    node = load_spec(BAREMETAL).node("gpu-01")
-    offline = mellanox.nccl_ib_env(node)
-    assert offline == {"NCCL_IB_HCA": "=mlx5_0:1,mlx5_1:1", "NCCL_IB_GID_INDEX": "3"}
-    assert mellanox.nccl_ib_env(node, parse_gids(lines("gids-hgx.txt"))) == offline
-    with pytest.raises(ValueError, match="no RoCE v2 IPv4 GID on mlx5_0, mlx5_1"):
-        mellanox.nccl_ib_env(node, parse_gids(lines("gids-no-address.txt")))
-    assert mellanox.nccl_ib_env(load_spec(BAREMETAL).node("gpu-03")) == {}
+def test_roce_problems_are_what_would_stop_the_engines() -> None:
+    spec = load_spec(BAREMETAL)
+    node = spec.node("gpu-01")
+    assert mellanox.roce_problems(node, parse_gids(lines("gids-hgx.txt"))) == []
+    missing = mellanox.roce_problems(node, parse_gids(lines("gids-no-address.txt")))
+    assert missing == [
+        f"gpu-01 {device} port 1: no RoCE v2 GID with an IPv4 address on bond1.12 (is the "
+        f"address up? check with `show_gids {device}`)"
+        for device in ("mlx5_0", "mlx5_1")
+    ]
+    mixed = parse_gids(lines("gids-two-vlans.txt")) + [
+        g for g in parse_gids(lines("gids-hgx.txt")) if g["device"] == "mlx5_1"
+    ]  # mlx5_0's address on bond1.12 is at 5, mlx5_1's at 3
+    (disagree,) = mellanox.roce_problems(node, mixed)
+    assert disagree.startswith(
+        "gpu-01 RoCE ports disagree on the GID index (mlx5_0 port 1: 5, mlx5_1 port 1: 3)"
+    )
+    assert mellanox.roce_problems(spec.node("gpu-03"), []) == []  # no RoCE ports
 
 
 def _with_env(spec: ClusterSpec, deployment: str, env: dict[str, str]) -> ClusterSpec:
@@ -268,51 +278,43 @@ def _with_env(spec: ClusterSpec, deployment: str, env: dict[str, str]) -> Cluste
     return ClusterSpec.model_validate(raw)
 
 
-def test_gid_index_found_on_the_node_must_be_the_engines() -> None:
+def test_a_pinned_gid_index_must_be_where_the_table_has_it() -> None:
     spec = load_spec(BAREMETAL)
-    node = spec.node("gpu-01")
-    assert mellanox.gid_index_problems(spec, node, parse_gids(lines("gids-hgx.txt"))) == []
-    two_vlans = parse_gids(
-        lines("gids-two-vlans.txt")
-    )  # mlx5_0 only: 3 on ens1f0np0, 5 on bond1.12
-    (problem,) = mellanox.gid_index_problems(spec, node, two_vlans)
+    two_vlans = parse_gids(lines("gids-two-vlans.txt"))
+    both_at_5 = two_vlans + [Gid(**{**g, "device": "mlx5_1"}) for g in two_vlans]
+    # Nothing pinned: the engines read the index at start, whatever it is.
+    assert mellanox.gid_index_problems(spec, spec.node("gpu-01"), both_at_5) == []
+    pinned = _with_env(spec, "r1", {"NCCL_IB_GID_INDEX": "3"})
+    (problem,) = mellanox.gid_index_problems(pinned, pinned.node("gpu-01"), both_at_5)
     assert problem.startswith(
-        "gpu-01 mlx5_0 port 1: the RoCE v2 IPv4 GID is at index 5 (on bond1.12), but deployment "
-        "r1 uses NCCL_IB_GID_INDEX=3"
+        "gpu-01: the RoCE v2 IPv4 GID of mlx5_0 port 1, mlx5_1 port 1 is at index 5, but "
+        "deployment r1 pins NCCL_IB_GID_INDEX=3"
     )
-    assert 'set NCCL_IB_GID_INDEX: "5" in deployments[r1].env' in problem
+    assert "remove NCCL_IB_GID_INDEX from deployments[r1].env" in problem
+    assert 'or set it to "5"' in problem
     fixed = _with_env(spec, "r1", {"NCCL_IB_GID_INDEX": "5"})
-    assert mellanox.gid_index_problems(fixed, fixed.node("gpu-01"), two_vlans) == []
-    # Ports without an IPv4 RoCE v2 GID are roce_problems' to report, not this check's.
-    assert mellanox.gid_index_problems(spec, node, parse_gids(lines("gids-no-address.txt"))) == []
-
-
-def test_gid_indexes_that_differ_between_ports_are_reported() -> None:
-    spec = load_spec(BAREMETAL)
-    gids = parse_gids(lines("gids-two-vlans.txt")) + [
-        g for g in parse_gids(lines("gids-hgx.txt")) if g["device"] == "mlx5_1"
-    ]
-    found = mellanox.gid_index_problems(spec, spec.node("gpu-01"), gids)
-    assert len(found) == 2
-    assert found[0].startswith("gpu-01 mlx5_0 port 1: the RoCE v2 IPv4 GID is at index 5")
-    assert found[1].startswith(
-        "gpu-01: the RoCE v2 IPv4 GID indexes differ between ports (mlx5_0/1 5, mlx5_1/1 3)"
-    )
+    assert mellanox.gid_index_problems(fixed, fixed.node("gpu-01"), both_at_5) == []
+    # No good index at all is roce_problems' to report, not this check's.
+    no_address = parse_gids(lines("gids-no-address.txt"))
+    assert mellanox.gid_index_problems(pinned, pinned.node("gpu-01"), no_address) == []
 
 
 @pytest.mark.parametrize("env", [{}, {"NCCL_IB_GID_INDEX": "5"}])
-def test_engine_gid_indexes_are_what_the_engines_get(env: dict[str, str]) -> None:
-    """mellanox compares the node against infra/sglang.py's env: the two must not drift apart."""
+def test_engines_read_the_gid_index_at_start_unless_the_spec_pins_it(env: dict[str, str]) -> None:
+    """What mellanox checks is what infra/sglang.py gives the engines: the probe, or the pin."""
     spec = _with_env(load_spec(BAREMETAL), "r1", env)
     for name in ("gpu-01", "gpu-02"):
-        engines = {
-            launch.deployment: launch.env["NCCL_IB_GID_INDEX"]
-            for launch in launches_for_node(spec, name)
-        }
-        assert mellanox.engine_gid_indexes(spec, spec.node(name)) == engines
-    assert mellanox.engine_gid_indexes(spec, spec.node("gpu-01")) == {
-        "r1": env.get("NCCL_IB_GID_INDEX", "3")
-    }
+        assert mellanox.engine_gid_overrides(spec, spec.node(name)) == ({"r1": "5"} if env else {})
+        for launch in launches_for_node(spec, name):
+            args = launch.container_args
+            assert launch.env.get("NCCL_IB_GID_INDEX") == env.get("NCCL_IB_GID_INDEX")
+            if env:
+                assert launch.nccl_env_command == [] and launch.nccl_env_file is None
+            else:
+                assert launch.nccl_env_command[-2:] == ["mlx5_0:1:bond1.12", "mlx5_1:1:bond1.12"]
+                out = launch.nccl_env_command[launch.nccl_env_command.index("--out") + 1]
+                assert out == launch.nccl_env_file
+                assert ("--env-file", out) in itertools.pairwise(args)
 
 
 # --- nvidia_driver decisions ------------------------------------------------------------------------

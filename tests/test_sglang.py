@@ -268,14 +268,22 @@ def test_two_node_tp16_r1_both_ranks(baremetal: ClusterSpec) -> None:
         ("gpu-01", 0, "sglang-r1-r1-rank0"),
         ("gpu-02", 1, "sglang-r1-r1-rank1"),
     ]
-    # The storage/RDMA VLAN carries the Mellanox bond: NCCL and Gloo use it, RoCE v2 GID 3.
+    # The storage/RDMA VLAN carries the Mellanox bond: NCCL and Gloo use it. The RoCE GID index
+    # is the node's, read at every start into an env file the container reads.
     expected_env = {
         "NCCL_SOCKET_IFNAME": "bond1.12",
         "GLOO_SOCKET_IFNAME": "bond1.12",
         "NCCL_IB_HCA": "=mlx5_0:1,mlx5_1:1",
-        "NCCL_IB_GID_INDEX": "3",
         "NCCL_DEBUG": "WARN",
     }
+    assert rank1.nccl_env_command == [
+        *(
+            "/usr/local/sbin/deepfleet-nccl-env",
+            "--out",
+            "/run/deepfleet/sglang-r1-r1-rank1.nccl.env",
+        ),
+        *("mlx5_0:1:bond1.12", "mlx5_1:1:bond1.12"),
+    ]
     assert rank0.env == expected_env and rank1.env == expected_env
     assert rank1.container_args[: len(_docker_head("x", rdma=True))] == _docker_head(
         "sglang-r1-r1-rank1", rdma=True
@@ -283,8 +291,9 @@ def test_two_node_tp16_r1_both_ranks(baremetal: ClusterSpec) -> None:
     assert rank1.container_args[21:] == [
         *("-v", "/data/models/deepseek-r1:/models/deepseek-r1:ro"),
         *("--env-file", "/etc/deepfleet/r1.env"),
+        *("--env-file", "/run/deepfleet/sglang-r1-r1-rank1.nccl.env"),
         *("-e", "GLOO_SOCKET_IFNAME=bond1.12", "-e", "NCCL_DEBUG=WARN"),
-        *("-e", "NCCL_IB_GID_INDEX=3", "-e", "NCCL_IB_HCA==mlx5_0:1,mlx5_1:1"),
+        *("-e", "NCCL_IB_HCA==mlx5_0:1,mlx5_1:1"),
         *("-e", "NCCL_SOCKET_IFNAME=bond1.12", "--entrypoint", "/bin/sh"),
         "lmsysorg/sglang:v0.5.23-cu129@sha256:"
         "0c1e4d9b7f5a0ef31e4bd8f8a1b3c5d2e6f7a8b9c0d1e2f3a4b5c6d7e8f90123",
@@ -298,7 +307,12 @@ def test_deployment_env_overrides_the_gid_index(baremetal: ClusterSpec) -> None:
     data = baremetal.model_dump()
     data["deployments"][0]["env"] = {"NCCL_IB_GID_INDEX": "5"}
     spec = ClusterSpec.model_validate(data)
-    assert {x.env["NCCL_IB_GID_INDEX"] for x in _only(launches_for_spec(spec), "r1")} == {"5"}
+    for launch in _only(launches_for_spec(spec), "r1"):
+        # Pinned: no probe at start, and the container gets the spec's value.
+        assert launch.env["NCCL_IB_GID_INDEX"] == "5"
+        assert (launch.nccl_env_command, launch.nccl_env_file) == ([], None)
+        assert "NCCL_IB_GID_INDEX=5" in launch.container_args
+        assert not any(a.endswith(".nccl.env") for a in launch.container_args)
 
 
 def test_dp_attention(layouts: ClusterSpec) -> None:

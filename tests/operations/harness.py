@@ -13,6 +13,7 @@ A case file (``tests/operations/<role>/<case>.json``)::
       "spec": "hosts/example-baremetal.yaml", "node": "gpu-01",
       "spec_overrides": {"nvidia": {"allow_reboot": true}},     # deep-merged into the spec
       "node_overrides": {"gpus": {"nvswitch": false}},           # deep-merged into the node
+      "deployment_overrides": {"r1": {"env": {"X": "1"}}},       # into the named deployments
       "os": "ubuntu-22.04",             # base facts from tests/operations/_os/<os>.json
       "planned_files": true,            # the role's planned files are on the node already
       "remote_files": {"/etc/x": "content"},   # other files on the node (File/Sha1File facts)
@@ -130,6 +131,10 @@ def case_spec(case: Case) -> tuple[ClusterSpec, Node]:
             deep_merge(n, node_overrides) if n["name"] == case.data["node"] else n
             for n in raw["nodes"]
         ]
+    deployment_overrides = case.data.get("deployment_overrides", {})
+    raw["deployments"] = [
+        deep_merge(d, deployment_overrides.get(d["name"], {})) for d in raw["deployments"]
+    ]
     merged = ClusterSpec.model_validate(raw)
     return merged, merged.node(case.data["node"])
 
@@ -398,7 +403,7 @@ def second_run(case: Case, first: Result) -> Case:
     """The same deploy again, on the node as FIRST left it (its `end_facts`)."""
     data = {
         key: case.data[key]
-        for key in ("spec", "node", "spec_overrides", "node_overrides")
+        for key in ("spec", "node", "spec_overrides", "node_overrides", "deployment_overrides")
         if key in case.data
     }
     data |= {
