@@ -523,6 +523,57 @@ def ports_do_not_collide(spec: ClusterSpec) -> Iterator[Violation]:
 
 
 @rule
+def router_serves_the_deployments(spec: ClusterSpec) -> Iterator[Violation]:
+    """The load balancer's router can reach every deployment the way its clients ask for it
+    (roles/load_balancer.py builds what these rules allow)."""
+    lb = spec.load_balancer
+    if lb is None:
+        return
+    chat = [d for d in spec.deployments if not d.embedding]
+    index = {d.name: i for i, d in enumerate(spec.deployments)}
+    pd = [d for d in chat if d.disaggregation is not None]
+    if pd and lb.router == "haproxy":
+        yield Violation(
+            ("load_balancer", "router"),
+            f"deployment {pd[0].name!r} disaggregates prefill and decode, which only the smg "
+            "router can pair",
+            "set load_balancer.router: haproxy+smg",
+        )
+    if pd and len(pd) != len(chat):
+        plain = next(d for d in chat if d.disaggregation is None)
+        yield Violation(
+            ("deployments", index[plain.name]),
+            "one smg instance routes either prefill/decode pairs or plain workers, not both",
+            "disaggregate every chat deployment, or none",
+        )
+    served = sorted({d.model for d in chat})  # engines answer to the model's name
+    if lb.router != "haproxy" and len(served) > 1:
+        yield Violation(
+            ("load_balancer", "router"),
+            f"router {lb.router} would send requests for {served[0]!r} to the engines of "
+            f"{', '.join(repr(m) for m in served[1:])} too: smg does not route by model",
+            "set load_balancer.router: haproxy (one backend per model), or serve one chat model",
+        )
+    embeddings = [d for d in spec.deployments if d.embedding]
+    if lb.router == "smg" and embeddings:
+        yield Violation(
+            ("load_balancer", "router"),
+            f"with router smg nothing sends /v1/embeddings to {embeddings[0].name!r}: smg "
+            "balances the chat workers only",
+            "set load_balancer.router: haproxy+smg (HAProxy sends embeddings to their engines, "
+            "chat to smg)",
+        )
+    if lb.router == "smg" and lb.tls is not None and lb.open_webui:
+        yield Violation(
+            ("load_balancer", "open_webui"),
+            "Open WebUI has no plain-HTTP API to call: with router smg and tls, smg is the only "
+            "listener and serves HTTPS for the certificate's public name",
+            "set load_balancer.router: haproxy+smg (HAProxy keeps a loopback port for Open "
+            "WebUI), or drop tls or open_webui",
+        )
+
+
+@rule
 def lab_is_consistent(spec: ClusterSpec) -> Iterator[Violation]:
     if (spec.provider.kind == "lab") != (spec.lab is not None):
         yield Violation(

@@ -33,7 +33,7 @@ from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files, pip, server, systemd
 
-from infra.errors import Problem, UserError
+from infra.errors import UserError
 from infra.inventory import node_addresses
 from infra.render import HostFile, RolePlan, render
 from infra.sglang import dist_timeout_s
@@ -225,7 +225,7 @@ def backends(spec: ClusterSpec) -> list[Backend]:
     result: list[Backend] = []
     chat = chat_deployments(spec)
     if chat and lb.router == "haproxy+smg":
-        # check_router allows one chat model behind smg: smg does not route by model.
+        # infra/spec_rules.router_serves_the_deployments allows one chat model behind smg: smg does not route by model.
         models = tuple(dict.fromkeys(served_model(spec, d) for d in chat))
         smg = Server("smg", "127.0.0.1", lb.router_port, 100, "SGLang model gateway")
         result.append(Backend("chat", [smg], models))
@@ -262,64 +262,6 @@ def models_reply(found: list[Backend]) -> str:
 def _lb(spec: ClusterSpec) -> LoadBalancer:
     assert spec.load_balancer is not None
     return spec.load_balancer
-
-
-def check_router(spec: ClusterSpec) -> None:
-    """Prefill/decode disaggregation needs a PD-aware router (smg); HAProxy alone cannot."""
-    lb = _lb(spec)
-    pd = [d for d in chat_deployments(spec) if d.disaggregation is not None]
-    problems = []
-    if pd and lb.router == "haproxy":
-        problems.append(
-            Problem(
-                f"deployment {pd[0].name!r} disaggregates prefill and decode, which only the "
-                "smg router can pair",
-                path="load_balancer.router",
-                hint="set load_balancer.router: haproxy+smg",
-            )
-        )
-    if pd and len(pd) != len(chat_deployments(spec)):
-        problems.append(
-            Problem(
-                "one smg instance routes either prefill/decode pairs or plain workers, not both",
-                path="deployments",
-                hint="disaggregate every chat deployment, or none",
-            )
-        )
-    chat_models = sorted({served_model(spec, d) for d in chat_deployments(spec)})
-    if lb.router != "haproxy" and len(chat_models) > 1:
-        problems.append(
-            Problem(
-                f"router {lb.router} would send requests for {chat_models[0]!r} to the engines of "
-                f"{', '.join(repr(m) for m in chat_models[1:])} too: smg does not route by model",
-                path="load_balancer.router",
-                hint="set load_balancer.router: haproxy (one backend per model), or serve one "
-                "chat model",
-            )
-        )
-    embeddings = embedding_deployments(spec)
-    if lb.router == "smg" and embeddings:
-        problems.append(
-            Problem(
-                f"with router smg nothing sends /v1/embeddings to {embeddings[0].name!r}: smg "
-                "balances the chat workers only",
-                path="load_balancer.router",
-                hint="set load_balancer.router: haproxy+smg (HAProxy sends embeddings to their "
-                "engines, chat to smg)",
-            )
-        )
-    if lb.router == "smg" and lb.tls is not None and lb.open_webui:
-        problems.append(
-            Problem(
-                "Open WebUI has no plain-HTTP API to call: with router smg and tls, smg is the "
-                "only listener and serves HTTPS for the certificate's public name",
-                path="load_balancer.open_webui",
-                hint="set load_balancer.router: haproxy+smg (HAProxy keeps a loopback port for "
-                "Open WebUI), or drop tls or open_webui",
-            )
-        )
-    if problems:
-        raise UserError("the load balancer cannot route these deployments", problems)
 
 
 def smg_metrics_host(spec: ClusterSpec, node: Node) -> str:
@@ -456,7 +398,7 @@ def edge_service(spec: ClusterSpec) -> str:
 def open_webui_upstream(spec: ClusterSpec) -> str:
     """Where Open WebUI calls the API over loopback: HAProxy's plain loopback port when the public
     port is TLS (HAProxy binds it only then), else the public port, where HAProxy or smg listens
-    on every address. smg with TLS has no plain listener: check_router rejects it."""
+    on every address. smg with TLS has no plain listener: the spec rules reject it."""
     lb = _lb(spec)
     port = LOOPBACK_PORT if lb.tls is not None and lb.router != "smg" else lb.port
     return f"http://127.0.0.1:{port}/v1"
@@ -482,7 +424,6 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
     lb = spec.load_balancer
     if lb is None or node.name not in lb.nodes:
         return None
-    check_router(spec)
     role = RolePlan(role=ROLE)
     uses_haproxy = lb.router != "smg" and bool(spec.deployments)
     if uses_haproxy:

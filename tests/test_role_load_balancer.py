@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from infra.cli import main
 from infra.errors import UserError
 from infra.render import HostFile, render
 from infra.spec import ClusterSpec, load_spec
@@ -290,8 +291,10 @@ def test_pd_disaggregation_needs_smg_and_renders_the_pd_router(tmp_path: Path) -
         "    api_key: {file: .lab/secrets/api-key}\n"
         "    disaggregation: {prefill_replicas: [1]}\n\nload_balancer:",
     )
-    with pytest.raises(UserError, match="cannot route"):
-        lb.plan(_spec(text, tmp_path, "pd.yaml"), load_spec(HOSTS / "lab.yaml").node("lb-01"))
+    with pytest.raises(UserError, match="problem") as refused:
+        _spec(text, tmp_path, "pd.yaml")  # `deepfleet validate` refuses it: nothing is deployed
+    assert [p.path for p in refused.value.problems] == ["load_balancer.router"]
+    assert "only the smg router can pair" in refused.value.problems[0].message
     spec = _spec(
         text.replace("  port: 8000\n", "  port: 8000\n  router: haproxy+smg\n", 1), tmp_path
     )
@@ -356,11 +359,39 @@ def _lab_with_embeddings(router: str) -> str:
 def test_routers_that_cannot_serve_the_deployments_are_rejected(
     text: str, error: str, tmp_path: Path
 ) -> None:
-    spec = _spec(text, tmp_path)
-    with pytest.raises(UserError, match="cannot route") as caught:
-        lb.plan(spec, spec.node("lb-01"))
+    # A spec rule: `deepfleet validate` names it with the file and line, before any host.
+    with pytest.raises(UserError, match="problem") as caught:
+        _spec(text, tmp_path)
     assert [p.path for p in caught.value.problems] == ["load_balancer.router"]
     assert error in caught.value.problems[0].message and caught.value.problems[0].hint
+    assert caught.value.problems[0].line is not None
+
+
+def test_validate_refuses_a_router_that_cannot_serve_the_deployments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The router rules are spec rules: `deepfleet validate` reports them (exit 2, file and
+    line), not only a deploy's plan."""
+    path = tmp_path / "two-models.yaml"
+    path.write_text(_with_router(_two_models(), "smg"))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "smg does not route by model" in err and "Traceback" not in err
+    assert f"{path}:" in err and "hint: set load_balancer.router: haproxy" in err
+    # Prefill/decode pairs and plain workers of the same model: smg routes one kind or the other.
+    mixed = _with_router(LAB_TEXT, "haproxy+smg").replace(
+        "    api_key: {file: .lab/secrets/api-key}\n\nload_balancer:",
+        "    api_key: {file: .lab/secrets/api-key}\n"
+        "    disaggregation: {prefill_replicas: [1]}\n"
+        "  - name: plain\n    model: r1-distill-qwen-7b\n    replicas: [[gpu-01]]\n"
+        "    parallelism: {tp: 1}\n    image: deepfleet/sglang-standin:0.1.0\n"
+        "    port: 30010\n\nload_balancer:",
+    )
+    with pytest.raises(UserError, match="problem") as caught:
+        _spec(mixed, tmp_path, "mixed.yaml")
+    # (The lab has two GPU nodes, so `plain` also shares one: those problems are other rules'.)
+    [problem] = [p for p in caught.value.problems if "prefill/decode pairs" in p.message]
+    assert problem.path == "deployments[1]" and problem.hint
 
 
 @pytest.mark.validators
@@ -417,9 +448,8 @@ def test_open_webui_calls_the_api_where_it_listens(tmp_path: Path) -> None:
     assert lb.open_webui_upstream(spec) == "http://127.0.0.1:8000/v1"
     assert "--host 0.0.0.0 --port 8000" in " ".join(lb.smg_args(spec, spec.node("lb-01")))
     # smg as the edge with TLS has no plain listener: an error, not a dead upstream.
-    spec = _spec(_with_router(text, "smg").replace("  port: 8000\n", tls, 1), tmp_path)
-    with pytest.raises(UserError, match="cannot route") as caught:
-        lb.plan(spec, spec.node("lb-01"))
+    with pytest.raises(UserError, match="problem") as caught:
+        _spec(_with_router(text, "smg").replace("  port: 8000\n", tls, 1), tmp_path)
     assert [p.path for p in caught.value.problems] == ["load_balancer.open_webui"]
 
 

@@ -30,6 +30,7 @@ from infra.sglang_flags import (
     known_flags,
 )
 from infra.spec import ClusterSpec, load_spec
+from tests.conftest import pd_layout_text
 
 PROJECT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures" / "sglang"
@@ -40,6 +41,13 @@ SECRET = "sk-deepfleet-test-3f9a1c0b7e"
 @pytest.fixture(scope="module")
 def layouts() -> ClusterSpec:
     return load_spec(FIXTURES / "cluster.yaml")
+
+
+@pytest.fixture(scope="module")
+def pd_layouts(tmp_path_factory: pytest.TempPathFactory) -> ClusterSpec:
+    path = tmp_path_factory.mktemp("pd") / "pd.yaml"
+    path.write_text(pd_layout_text())
+    return load_spec(path)
 
 
 @pytest.fixture(scope="module")
@@ -330,8 +338,8 @@ def test_dp_attention(layouts: ClusterSpec) -> None:
     ]
 
 
-def test_prefill_decode_pair(layouts: ClusterSpec) -> None:
-    prefill, decode = _only(launches_for_spec(layouts), "r1-pd")
+def test_prefill_decode_pair(pd_layouts: ClusterSpec) -> None:
+    prefill, decode = _only(launches_for_spec(pd_layouts), "r1-pd")
 
     def expected(mode: str) -> list[str]:
         return [
@@ -375,8 +383,10 @@ def test_distill_on_one_gpu_without_api_key(layouts: ClusterSpec) -> None:
     ]
 
 
-def test_launches_for_node(layouts: ClusterSpec) -> None:
-    assert [x.unit_name for x in launches_for_node(layouts, "h200-04")] == ["sglang-r1-pd-r2"]
+def test_launches_for_node(layouts: ClusterSpec, pd_layouts: ClusterSpec) -> None:
+    assert [x.unit_name for x in launches_for_node(layouts, "h200-02")] == ["sglang-r1-dpa-r1"]
+    assert [x.unit_name for x in launches_for_node(pd_layouts, "h200-04")] == ["sglang-r1-pd-r2"]
+    assert launches_for_node(layouts, "h200-04") == []
     assert launches_for_node(layouts, "lb-01") == []
 
 
@@ -396,9 +406,14 @@ def test_lab_builds_the_same_commands_without_gpus() -> None:
         *[f"hosts/{p.name}" for p in sorted((PROJECT / "hosts").glob("*.yaml"))],
     ],
 )
-def test_every_generated_command_passes_the_flag_check(spec_file: str) -> None:
-    for launch in launches_for_spec(load_spec(PROJECT / spec_file)):
-        assert check_engine_args(launch.engine_args) == [], launch.unit_name
+def test_every_generated_command_passes_the_flag_check(spec_file: str, tmp_path: Path) -> None:
+    paths = [PROJECT / spec_file]
+    if spec_file.endswith("sglang/cluster.yaml"):
+        paths.append(tmp_path / "pd.yaml")
+        paths[-1].write_text(pd_layout_text())
+    for path in paths:
+        for launch in launches_for_spec(load_spec(path)):
+            assert check_engine_args(launch.engine_args) == [], launch.unit_name
 
 
 def test_dist_timeout_never_below_the_spec(baremetal: ClusterSpec) -> None:
@@ -453,7 +468,7 @@ def test_misspelled_engine_flag_is_rejected_at_validation(tmp_path: Path) -> Non
     with pytest.raises(UserError) as caught:
         load_spec(path)
     [problem] = caught.value.problems
-    assert problem.path == "deployments[3].extra_args[2]"
+    assert problem.path == "deployments[2].extra_args[2]"
     assert problem.message == "unknown sglang flag --enable-metric (sglang 0.5.23)"
     assert problem.hint == "did you mean --enable-metrics?"
     assert problem.line == _line(path, "extra_args:")
@@ -466,17 +481,17 @@ def test_flags_deepfleet_sets_are_rejected_in_extra_args(tmp_path: Path) -> None
     problems = [(p.path, p.message, p.hint) for p in caught.value.problems]
     assert problems == [
         (
-            "deployments[3].extra_args[2]",
+            "deployments[2].extra_args[2]",
             "--tp-size is given more than once (the last one would win)",
             None,
         ),
         (
-            "deployments[3].extra_args[0]",
+            "deployments[2].extra_args[0]",
             "--tp-size is set by deepfleet from the spec",
             "use parallelism.tp instead of extra_args",
         ),
         (
-            "deployments[3].extra_args[2]",
+            "deployments[2].extra_args[2]",
             "--tensor-parallel-size is set by deepfleet from the spec",
             "use parallelism.tp instead of extra_args",
         ),

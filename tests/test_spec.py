@@ -12,12 +12,13 @@ from infra.errors import UserError
 from infra.sizing import SizingReport
 from infra.spec import load_spec
 from infra.spec_fit import replica_sizing
-from tests.conftest import EXAMPLE_SPECS, HOSTS
+from tests.conftest import EXAMPLE_SPECS, HOSTS, pd_layout_text
 
 BASE = (HOSTS / "example-baremetal.yaml").read_text()
 LAB = (HOSTS / "lab.yaml").read_text()
 # Has a prefill/decode pair and a DP-attention deployment, which the bare-metal example lacks.
 LAYOUTS = (Path(__file__).parent / "fixtures" / "sglang" / "cluster.yaml").read_text()
+PD_LAYOUT = pd_layout_text()
 
 
 @pytest.mark.parametrize("path", EXAMPLE_SPECS, ids=lambda p: p.name)
@@ -349,7 +350,7 @@ CASES = [
         "disaggregation: {prefill_replicas: [1], bootstrap_port: 30000}",
         "port 30000 on node 'h200-03' is already used by deployment r1-pd",
         "bootstrap_port: 30000",
-        base=LAYOUTS,
+        base=PD_LAYOUT,
     ),
     Case(
         "bootstrap-port-is-ssh",
@@ -357,7 +358,7 @@ CASES = [
         "disaggregation: {prefill_replicas: [1], bootstrap_port: 22}",
         "port 22 on node 'h200-03' is already used by ssh",
         "bootstrap_port: 22",
-        base=LAYOUTS,
+        base=PD_LAYOUT,
     ),
     Case(
         "dp-attention-without-dp",
