@@ -5,8 +5,9 @@ engines answer /health_generate: the node's health probe (`facts.node_health.Nod
 same script `deepfleet check` runs over SSH, without the burn-in) is judged by
 `infra.check.node_ready`. A failing node fails the deploy on that host, naming its checks, and
 `passed()` turns false for the replica, which keeps the sglang role's "ready" step (back into
-HAProxy after a drain) from running. A replica started for the first time was never drained:
-HAProxy's health check routes to it as soon as it answers, gate or not (docs/monitoring.md).
+HAProxy after a drain) from running. A replica started in this run was never drained (HAProxy's
+health check routes to it once it answers): its failing gate makes the sglang role's "hold"
+step drain it (docs/monitoring.md).
 """
 
 from __future__ import annotations

@@ -229,7 +229,7 @@ def pull_or_load(image: str) -> str:
 
 # --- rolling restarts (pure) -------------------------------------------------------------------
 
-Action = Literal["drain", "restart", "wait", "ready"]
+Action = Literal["drain", "restart", "wait", "ready", "hold"]
 
 
 @dataclass(frozen=True)
@@ -334,6 +334,18 @@ def rolling_restart_plan(spec: ClusterSpec) -> list[RollingStep]:
                         "ready",
                         f"[sglang] Put {dep.name} replica {number} back into the load balancer",
                         {lb: [f"{HAPROXY_SCRIPT} ready {target}"] for lb in lb_nodes},
+                    )
+                )
+                # A replica started in this run was never drained: HAProxy's health check
+                # routes to it once it answers. Its nodes failing the gate takes it out.
+                steps.append(
+                    RollingStep(
+                        dep.name,
+                        number,
+                        "hold",
+                        f"[sglang] Hold {dep.name} replica {number} back from the load balancer "
+                        "when its nodes failed the acceptance gate",
+                        {lb: [f"{HAPROXY_SCRIPT} drain {target}"] for lb in lb_nodes},
                     )
                 )
     return steps
@@ -592,7 +604,9 @@ def order_anchor(steps: Sequence[RollingStep], present: set[str]) -> str | None:
     The load balancer (it drains and readmits every replica) is the natural anchor; without
     one in this run (--limit), the first engine host of the plan that is.
     """
-    balancers = sorted({n for s in steps if s.action in ("drain", "ready") for n in s.commands})
+    balancers = sorted(
+        {n for s in steps if s.action in ("drain", "ready", "hold") for n in s.commands}
+    )
     engines = sorted({n for s in steps for n in s.commands} - set(balancers))
     return next((n for n in [*balancers, *engines] if n in present), None)
 
@@ -623,6 +637,11 @@ def _rolling_restart(spec: ClusterSpec, node: Node) -> None:
         if step.action == "ready" and condition is not None:
             # Never route to a replica whose nodes failed the acceptance gate in this run.
             condition = lambda c=condition, d=dep, n=number: c() and _gate.passed(d, n)  # noqa: E731
+        elif step.action == "hold" and condition is not None:
+            # A restarted replica that failed is still drained ("ready" did not run).
+            condition = lambda d=dep, n=number: (  # noqa: E731
+                replica_started(d, n) and not replica_changed(d, n) and not _gate.passed(d, n)
+            )
         name = step.name
         if condition is None and commands and forced:
             name += f" (running container differs from the spec: {'; '.join(forced)})"

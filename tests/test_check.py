@@ -540,7 +540,7 @@ def _healthy_gpu_03() -> str:
 
 _GATE_INVENTORY = """
 import json
-_running = json.dumps({{"Name": "/x", "Image": "sha256:1", "State": {{"Running": True}},
+_running = json.dumps({{"Name": "/x", "Image": "sha256:1", "State": {{"Running": {running}}},
     "Config": {{"Image": "img", "Entrypoint": ["/bin/sh"], "Cmd": ["x"]}}, "HostConfig": {{}}}})
 _probes = json.loads({probes!r})
 hosts = [
@@ -565,21 +565,19 @@ if sglang.plan(_spec, _node) is not None:
 """
 
 
-@pytest.mark.slow
-def test_a_node_failing_the_gate_keeps_its_replica_out_of_the_load_balancer(
-    tmp_path: Path,
-) -> None:
-    """The real pyinfra CLI on its fake connector, gate on: every engine runs and its unit
-    changed, so each replica is drained, restarted and waited for. gpu-01 (r1, rank 0) then
-    reports a down RDMA port: r1 is never put back in HAProxy and the deploy fails naming the
-    check, while qwen-32b (gpu-03, healthy) goes back in."""
+def _gate_deploy(tmp_path: Path, running: bool) -> tuple[list[str], str, int]:
+    """The real pyinfra CLI on its fake connector, gate on, every engine's unit changed.
+    gpu-01 (r1, rank 0) reports a down RDMA port; gpu-02 and gpu-03 are healthy. Returns the
+    load balancer's HAProxy commands, the output and the exit status."""
     probes = {
         "gpu-01": (FIXTURES / "ib-port-down.txt").read_text(),
         "gpu-02": (FIXTURES / "healthy-hgx.txt").read_text(),
         "gpu-03": _healthy_gpu_03(),
     }
     assert check.node_ready(BAREMETAL, "gpu-02", probes["gpu-02"]).passed
-    (tmp_path / "inv.py").write_text(_GATE_INVENTORY.format(probes=json.dumps(probes)))
+    (tmp_path / "inv.py").write_text(
+        _GATE_INVENTORY.format(probes=json.dumps(probes), running=running)
+    )
     (tmp_path / "deploy.py").write_text(_GATE_DEPLOY)
     project = HOSTS.parent
     env = {
@@ -604,12 +602,33 @@ def test_a_node_failing_the_gate_keeps_its_replica_out_of_the_load_balancer(
     text = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
     commands = re.findall(r"^\[@fake/([\w-]+)\]\s+>>> (.*)$", text, re.M)
     lb = [c for h, c in commands if h == "lb-01" and c.startswith(sglang.HAPROXY_SCRIPT)]
+    return lb, text, result.returncode
+
+
+@pytest.mark.slow
+def test_a_node_failing_the_gate_keeps_its_replica_out_of_the_load_balancer(
+    tmp_path: Path,
+) -> None:
+    """Running engines: each replica is drained, restarted and waited for. r1 fails its gate:
+    it is never put back in HAProxy and the deploy fails naming the check, while qwen-32b
+    (gpu-03, healthy) goes back in."""
+    lb, text, returncode = _gate_deploy(tmp_path, running=True)
     assert lb == [
         f"{sglang.HAPROXY_SCRIPT} drain chat/r1-r1 300",
         # no "ready chat/r1-r1": the gate on gpu-01 failed
         f"{sglang.HAPROXY_SCRIPT} drain chat/qwen-32b-r1 300",
         f"{sglang.HAPROXY_SCRIPT} ready chat/qwen-32b-r1",
     ], text[-4000:]
-    assert result.returncode != 0
+    assert returncode != 0
     assert "gpu-01 failed its acceptance checks and stays out of the load balancer" in text
     assert "ib.mlx5_1/1: mlx5_1/1 is Down/Disabled" in text
+
+
+@pytest.mark.slow
+def test_a_replica_started_in_this_run_that_fails_the_gate_is_held_back(tmp_path: Path) -> None:
+    """Engines started for the first time were never drained: HAProxy's health check would
+    route to r1 once it answers. Its failing gate drains it; qwen-32b, healthy, is left alone."""
+    lb, text, returncode = _gate_deploy(tmp_path, running=False)
+    assert lb == [f"{sglang.HAPROXY_SCRIPT} drain chat/r1-r1"], text[-4000:]
+    assert returncode != 0
+    assert "gpu-01 failed its acceptance checks and stays out of the load balancer" in text
