@@ -236,6 +236,15 @@ class Storage(StrictModel):
     # Networks whose nodes may mount it; exports and security groups are limited to them.
     networks: list[Name] = Field(min_length=1)
     local_cache: str | None = Field(default=None, pattern=r"^/")
+    # fsx-lustre: AWS's Lustre client apt repository and its signing key (ASCII-armoured); an
+    # air-gapped site points these at its mirror.
+    client_repository: str = Field(
+        default="https://fsx-lustre-client-repo.s3.amazonaws.com/ubuntu", pattern=r"^https?://"
+    )
+    client_key_url: str = Field(
+        default="https://fsx-lustre-client-repo-public-keys.s3.amazonaws.com/fsx-ubuntu-public-key.asc",
+        pattern=r"^https?://",
+    )
 
     @model_validator(mode="after")
     def _nfs_needs_server(self) -> Storage:

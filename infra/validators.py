@@ -156,6 +156,29 @@ def _stub(path: Path, content: str, executable: bool = False) -> None:
         path.chmod(0o755)
 
 
+def check_apt_source(host_file: HostFile) -> None:
+    """apt's own parser over a one-line-style source list: `apt-get update --print-uris` with
+    only this file, which reads and resolves the entries and fetches nothing."""
+    apt_get = _tool("apt-get", "apt")
+    with tempfile.TemporaryDirectory() as root_name:
+        root = Path(root_name)
+        source = root / "sources.list"
+        source.write_text(host_file.content)
+        (root / "lists/partial").mkdir(parents=True)
+        options = {
+            "Dir::Etc::sourcelist": source,
+            "Dir::Etc::sourceparts": root / "none",
+            "Dir::State::Lists": root / "lists",
+            "Debug::NoLocking": 1,
+        }
+        _run(
+            [apt_get, *(f"-o{k}={v}" for k, v in options.items()), "update", "--print-uris"],
+            host_file.path,
+            "apt-get update --print-uris",
+            stderr_fails=True,
+        )
+
+
 def check_haproxy(host_file: HostFile) -> None:
     """`haproxy -c`; files the config references under /etc/haproxy (certificates, maps) are
     deployed separately from secrets, so stand-ins are made for them: a throwaway self-signed
@@ -264,6 +287,7 @@ SINGLE_FILE_CHECKERS: list[tuple[str, Callable[[HostFile], None]]] = [
     ("/etc/nftables.conf", check_nftables),
     ("/etc/nftables.d/*.nft", check_nftables),
     ("/etc/ssh/sshd_config", check_sshd),
+    ("/etc/apt/sources.list.d/*.list", check_apt_source),
 ]
 GROUP_CHECKERS: list[tuple[str, Callable[[list[HostFile]], object]]] = [
     ("/etc/netplan/*.yaml", check_netplan),

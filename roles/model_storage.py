@@ -19,9 +19,11 @@ from typing import Any
 from pyinfra import logger
 from pyinfra.api.command import FunctionCommand
 from pyinfra.api.deploy import deploy
+from pyinfra.api.exceptions import DeployError
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 from pyinfra.facts.files import Directory
+from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import python, systemd
 from pyinfra.operations.util import any_changed
 
@@ -29,8 +31,10 @@ from facts.storage import MANIFEST, STATUS_FILE, ModelCache, MountPoint
 from infra.render import HostFile, RolePlan, render
 from infra.spec import ClusterSpec, Node, Storage
 from roles import _converge as converge
+from roles._apt import refresh_lists
 from roles._state import Probes
 from roles.base import management_address
+from roles.nvidia_driver import KEYRING_DIR, add_repository, keyring_directory
 
 ROLE = "model_storage"
 
@@ -74,6 +78,10 @@ EXPORT_OPTIONS: tuple[str, ...] = ("sync", "no_subtree_check", "root_squash", "s
 # Cloud stores whose mount source the spec does not give (`export`) get a source in the
 # reserved .invalid domain: it can never mount anything, and `apply` refuses to deploy it.
 PENDING_DOMAIN = ".invalid"
+LUSTRE_KEYRING = f"{KEYRING_DIR}/fsx-lustre.asc"
+LUSTRE_SOURCE = "/etc/apt/sources.list.d/deepfleet-fsx-lustre.list"
+# What AWS's install guide writes, naming the same repository with another keyring.
+AWS_GUIDE_SOURCE = "/etc/apt/sources.list.d/fsxlustreclientrepo.list"
 
 
 def systemd_escape_path(path: str) -> str:
@@ -250,6 +258,11 @@ def plan(
             )
         )
         result.packages.extend(p for p in CLIENT_PACKAGES[storage.kind] if p not in result.packages)
+        if storage.kind == "fsx-lustre":
+            result.summary.append(
+                f"Lustre client from {storage.client_repository} <ubuntu codename> main "
+                f"({LUSTRE_SOURCE}, key {storage.client_key_url}; Ubuntu only)"
+            )
         result.services.append(mount.unit)
         result.summary.append(
             f"mounts {mount.what} at {mount.where} ({mount.fstype}, {','.join(mount.options)})"
@@ -300,6 +313,45 @@ def plan(
 
 
 # --- verification steps: read facts at execution time, change nothing ----------------------
+
+
+def ubuntu_codename(node: str, distribution: Mapping[str, Any]) -> str:
+    """The Ubuntu release's codename (jammy, noble): the suite of AWS's Lustre client
+    repository, which has packages for Ubuntu only."""
+    meta = distribution.get("release_meta") or {}
+    codename = meta.get("VERSION_CODENAME") or meta.get("UBUNTU_CODENAME")
+    if str(distribution.get("name") or "").lower() == "ubuntu" and codename:
+        return str(codename)
+    release = meta.get("PRETTY_NAME") or distribution.get("name")
+    raise DeployError(
+        f"{node}: fsx-lustre storage needs AWS's Lustre client, packaged for Ubuntu only in an "
+        f"apt repository; this node runs {release}. Use Ubuntu 22.04 or 24.04 on nodes that "
+        "mount FSx for Lustre, or mount it by hand and use another storage kind in the spec."
+    )
+
+
+def lustre_source(storage: Storage, codename: str) -> str:
+    return (
+        f"# Managed by deepfleet (role {ROLE}): AWS's FSx for Lustre client repository.\n"
+        f"deb [signed-by={LUSTRE_KEYRING}] {storage.client_repository.rstrip('/')} "
+        f"{codename} main\n"
+    )
+
+
+def _lustre_repository(node: Node, storage: Storage) -> None:
+    codename = ubuntu_codename(node.name, host.get_fact(LinuxDistribution))
+    keyring_directory(ROLE)
+    changed = add_repository(
+        ROLE,
+        storage.client_key_url,
+        LUSTRE_KEYRING,
+        LUSTRE_SOURCE,
+        lustre_source(storage, codename),
+        replaces=(AWS_GUIDE_SOURCE,),
+    )
+    refresh_lists(
+        f"[{ROLE}] Update apt lists after a repository change", condition=any_changed(*changed)
+    )
 
 
 def _fail(state: Any, host: Any, message: str) -> bool:
@@ -433,6 +485,8 @@ def apply(spec: ClusterSpec, node: Node) -> None:
                 ),
             )
             continue
+        if storage.kind == "fsx-lustre":
+            _lustre_repository(node, storage)
         converge.packages(
             name=f"[{ROLE}] Install the {storage.kind} client",
             packages=CLIENT_PACKAGES[storage.kind],

@@ -1,16 +1,13 @@
 """GPU node stack: fact parsers on captured outputs, pure decisions, plans, and operation tests.
 
-Operation tests are data files (tests/operations/<role>/<case>.json, run by
-tests/operations/harness.py): facts in, the exact commands per operation out. A new case is a
-new file. After an intended change, `UPDATE_OPERATIONS=1 pytest tests/test_gpu_stack.py`
-rewrites the expected commands; review the diff like any other change.
+Operation tests are data files (tests/operations/<role>/<case>.json), run by
+tests/test_operations.py; the tests here build on some of them (a second run converges, ...).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -36,44 +33,20 @@ from roles import container_runtime, mellanox, nvidia_driver
 from tests.operations.harness import Case, MissingFact, load_cases, run_case, second_run
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gpu"
-BAREMETAL = Path(__file__).parent.parent / "hosts" / "example-baremetal.yaml"
-LAB = Path(__file__).parent.parent / "hosts" / "lab.yaml"
-ROLES = {
+GPU_ROLES = {
     "nvidia_driver": nvidia_driver,
     "container_runtime": container_runtime,
     "mellanox": mellanox,
 }
+BAREMETAL = Path(__file__).parent.parent / "hosts" / "example-baremetal.yaml"
+LAB = Path(__file__).parent.parent / "hosts" / "lab.yaml"
 
 
 def lines(name: str) -> list[str]:
     return (FIXTURES / name).read_text(encoding="utf-8").splitlines()
 
 
-# --- operation tests (data files) ---------------------------------------------------------------
-
-CASES = [(role, case) for role in ROLES for case in load_cases(role)]
-
-
-@pytest.mark.parametrize(("role", "case"), CASES, ids=[c.name for _, c in CASES])
-def test_operations(role: str, case: Case) -> None:
-    if "raises" in case.data:
-        # Refused before any operation is added (an unsupported OS): the deploy stops there.
-        with pytest.raises(DeployError) as refused:
-            run_case(case, ROLES[role])
-        assert case.data["raises"] in str(refused.value)
-        return
-    result = run_case(case, ROLES[role])
-    if os.environ.get("UPDATE_OPERATIONS"):
-        case.data["commands"] = result.commands
-        case.data["errors"] = result.errors
-        case.path.write_text(json.dumps(case.data, indent=2) + "\n", encoding="utf-8")
-    assert list(result.commands.items()) == list(case.data["commands"].items())
-    assert result.failed == bool(case.data.get("errors")), result.errors
-    assert result.errors == case.data.get("errors", [])
-    for expected in case.data.get("warnings", []):
-        assert any(expected in w for w in result.warnings), result.warnings
-    for expected in case.data.get("notices", []):
-        assert any(expected in n for n in result.notices), result.notices
+# --- operation tests: the data files run in tests/test_operations.py; cases built on them here ---
 
 
 def _case(role: str, name: str) -> Case:
@@ -120,7 +93,7 @@ def test_converged_case_is_the_fresh_case_end_state() -> None:
 
 
 def test_every_role_has_cases_for_both_ubuntu_releases() -> None:
-    for role in ROLES:
+    for role in GPU_ROLES:
         releases = {c.data.get("os") for c in load_cases(role)}
         assert {"ubuntu-22.04", "ubuntu-24.04"} <= releases, role
 
@@ -416,7 +389,7 @@ def test_plans_concern_the_right_nodes() -> None:
     spec = load_spec(BAREMETAL)
     applies = {
         role: sorted(n.name for n in spec.nodes if module.plan(spec, n) is not None)
-        for role, module in ROLES.items()
+        for role, module in GPU_ROLES.items()
     }
     assert applies == {
         "nvidia_driver": ["gpu-01", "gpu-02", "gpu-03"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -15,9 +16,10 @@ import yaml
 from facts.storage import ModelCache, MountPoint
 from infra.render import HostFile, RolePlan
 from infra.spec import ClusterSpec, load_spec
-from infra.validators import ConfigRejected, check_systemd_units
+from infra.validators import ConfigRejected, check_apt_source, check_systemd_units
 from roles import model_storage
 from tests.conftest import EXAMPLE_SPECS, HOSTS
+from tests.operations.harness import Case, case_spec, load_cases, run_case, second_run
 from tests.test_role_timesync import systemd_verify
 
 BAREMETAL = load_spec(HOSTS / "example-baremetal.yaml")
@@ -447,3 +449,45 @@ def test_mount_check_runs_at_deploy_time_and_fails_naming_the_node(tmp_path: Pat
     missing = _run_checks(mount, tmp_path)
     assert missing.returncode != 0
     assert f"gpu-09: nothing is mounted at {mount}" in missing.stderr + missing.stdout
+
+
+# --- FSx for Lustre: AWS's client repository --------------------------------------------------
+
+
+def _lustre_case(name: str) -> Case:
+    (case,) = [c for c in load_cases("model_storage") if c.path.stem == name]
+    return case
+
+
+@pytest.mark.validators
+@pytest.mark.parametrize("codename", ["jammy", "noble"])
+def test_lustre_source_is_what_apt_reads(codename: str) -> None:
+    [store] = load_spec(HOSTS / "example-aws.yaml").storage
+    source = model_storage.lustre_source(store, codename)
+    assert source.splitlines()[-1] == (
+        "deb [signed-by=/etc/apt/keyrings/fsx-lustre.asc] "
+        f"https://fsx-lustre-client-repo.s3.amazonaws.com/ubuntu {codename} main"
+    )
+    check_apt_source(HostFile(model_storage.LUSTRE_SOURCE, source))
+    with pytest.raises(ConfigRejected):
+        check_apt_source(HostFile(model_storage.LUSTRE_SOURCE, source.replace("] ", " ")))
+
+
+def test_lustre_repository_comes_from_the_spec_and_the_release() -> None:
+    """The mirror case's uploaded source is the spec's mirror with Ubuntu 24.04's suite."""
+    case = _lustre_case("mirror-fsx-lustre-ubuntu-24.04")
+    result = run_case(case, model_storage)
+    spec, _ = case_spec(case)
+    expected = model_storage.lustre_source(spec.storage[0], "noble")
+    assert "https://mirror.example.internal/fsx-lustre/ubuntu noble main" in expected
+    written = result.end_facts["files.Sha1File"][f"path={model_storage.LUSTRE_SOURCE}"]
+    assert written == hashlib.sha1(expected.encode()).hexdigest()
+
+
+def test_lustre_first_run_converges() -> None:
+    """One deploy is enough: a second run on what the first left runs no command."""
+    case = _lustre_case("fresh-fsx-lustre-ubuntu-22.04")
+    first = run_case(case, model_storage)
+    assert not first.failed, first.errors
+    again = run_case(second_run(case, first), model_storage)
+    assert again.commands == {}, again.commands

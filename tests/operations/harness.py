@@ -13,8 +13,9 @@ A case file (``tests/operations/<role>/<case>.json``)::
       "spec": "hosts/example-baremetal.yaml", "node": "gpu-01",
       "spec_overrides": {"nvidia": {"allow_reboot": true}},     # deep-merged into the spec
       "node_overrides": {"gpus": {"nvswitch": false}},           # deep-merged into the node
-      "deployment_overrides": {"r1": {"env": {"X": "1"}}},       # into the named deployments
+      "item_overrides": {"deployments": {"r1": {"env": {"X": "1"}}}},  # into named list items
       "os": "ubuntu-22.04",             # base facts from tests/operations/_os/<os>.json
+      "host_data": {"storage_mount_targets": {...}},   # the inventory's host data
       "planned_files": true,            # the role's planned files are on the node already
       "remote_files": {"/etc/x": "content"},   # other files on the node (File/Sha1File facts)
       "facts": {"deb.DebPackages": {...}, "facts.nvidia.NvidiaSmi": {"@fixture": "x.txt"}},
@@ -131,10 +132,8 @@ def case_spec(case: Case) -> tuple[ClusterSpec, Node]:
             deep_merge(n, node_overrides) if n["name"] == case.data["node"] else n
             for n in raw["nodes"]
         ]
-    deployment_overrides = case.data.get("deployment_overrides", {})
-    raw["deployments"] = [
-        deep_merge(d, deployment_overrides.get(d["name"], {})) for d in raw["deployments"]
-    ]
+    for section, by_name in case.data.get("item_overrides", {}).items():
+        raw[section] = [deep_merge(item, by_name.get(item["name"], {})) for item in raw[section]]
     merged = ClusterSpec.model_validate(raw)
     return merged, merged.node(case.data["node"])
 
@@ -317,7 +316,10 @@ def run_case(case: Case, role: ModuleType) -> Result:
     facts = FactSource(case, planned)
     result = Result()
 
-    fake_host = (f"@fake/{node.name}", {"fake_delay": 0, "fake_delay_jitter": 0})
+    fake_host = (
+        f"@fake/{node.name}",
+        {"fake_delay": 0, "fake_delay_jitter": 0, **case.data.get("host_data", {})},
+    )
     inventory = Inventory(([fake_host], {}))  # type: ignore[no-untyped-call]
     config = Config()  # type: ignore[no-untyped-call]
     config.TEMP_DIR = "/tmp"
@@ -403,7 +405,14 @@ def second_run(case: Case, first: Result) -> Case:
     """The same deploy again, on the node as FIRST left it (its `end_facts`)."""
     data = {
         key: case.data[key]
-        for key in ("spec", "node", "spec_overrides", "node_overrides", "deployment_overrides")
+        for key in (
+            "spec",
+            "node",
+            "spec_overrides",
+            "node_overrides",
+            "item_overrides",
+            "host_data",
+        )
         if key in case.data
     }
     data |= {
