@@ -1,4 +1,4 @@
-"""Facts about chrony: what `chronyc -c tracking` says about the node's clock."""
+"""Facts about the clock: `chronyc -c tracking` under chrony, `timedatectl` under timesyncd."""
 
 from __future__ import annotations
 
@@ -108,3 +108,54 @@ class ChronyTracking(FactBase[Tracking | None]):
         if not lines or CHRONYC_STATUS.match(lines[0]):
             return None
         return parse_tracking(lines[0])
+
+
+# --- systemd-timesyncd (site.ntp.implementation: timesyncd) ------------------------------------
+
+
+@dataclass(frozen=True)
+class TimesyncStatus:
+    """What `timedatectl show` and `show-timesync` say: whether NTP is on and the kernel clock
+    is synchronised (timesyncd sets that after its first good answer), and from which server."""
+
+    ntp_enabled: bool
+    synchronised: bool
+    server: str  # "name (address)", or "" when timesyncd has not picked one
+
+    def describe(self) -> str:
+        if not self.ntp_enabled:
+            return "NTP is off (timedatectl set-ntp false)"
+        state = "synchronised" if self.synchronised else "not synchronised"
+        return f"{state}" + (f", server {self.server}" if self.server else ", no server yet")
+
+
+def parse_timesync(lines: list[str]) -> TimesyncStatus | None:
+    values = dict(
+        line.strip().split("=", 1) for line in lines if "=" in line and not line.startswith(" ")
+    )
+    if "NTPSynchronized" not in values:
+        return None
+    name, address = values.get("ServerName", ""), values.get("ServerAddress", "")
+    return TimesyncStatus(
+        ntp_enabled=values.get("NTP") == "yes",
+        synchronised=values["NTPSynchronized"] == "yes",
+        server=f"{name} ({address})" if name and address else name or address,
+    )
+
+
+class TimesyncdStatus(FactBase[TimesyncStatus | None]):
+    """timedatectl's view of the clock under systemd-timesyncd; None when timedated does not
+    answer (no D-Bus, timedatectl missing)."""
+
+    def requires_command(self) -> str:
+        return "timedatectl"
+
+    def command(self) -> str:
+        # show-timesync (systemd 239+) names the server; its failure leaves the rest usable.
+        return (
+            "timedatectl show -p NTP -p NTPSynchronized 2>/dev/null; "
+            "timedatectl show-timesync -p ServerName -p ServerAddress 2>/dev/null; true"
+        )
+
+    def process(self, output: list[str]) -> TimesyncStatus | None:
+        return parse_timesync(output)

@@ -4,7 +4,8 @@ chrony reads the spec's servers and pools; nodes named in `site.ntp.serve_from` 
 for the cluster's networks and keep serving their own clock (`local stratum 10`) when no
 upstream answers, and every other node uses them as an extra source. After the service runs,
 a verification step reads `chronyc -c tracking` (facts.chrony.ChronyTracking) and reports it;
-on real hosts an unsynchronised clock fails the deploy naming the node.
+on real hosts an unsynchronised clock fails the deploy naming the node. Under timesyncd the
+same step reads `timedatectl` (facts.chrony.TimesyncdStatus).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pyinfra.context import host
 from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
 
-from facts.chrony import ChronyTracking, Tracking
+from facts.chrony import ChronyTracking, TimesyncdStatus, TimesyncStatus, Tracking
 from infra.render import HostFile, RolePlan, render
 from infra.spec import ClusterSpec, Node
 from roles import _converge as converge
@@ -84,6 +85,11 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan:
             result.summary.append(
                 "lab: timesyncd does not run in a container (ConditionVirtualization, no "
                 "CAP_SYS_TIME); the file is written, the service is not started"
+            )
+        else:
+            result.summary.append(
+                "verify: timedatectl must report NTP on and the clock synchronised, else the "
+                "deploy fails"
             )
         return result
 
@@ -156,14 +162,38 @@ def _fail(state: Any, host: Any, message: str) -> bool:
     return False
 
 
+def timesyncd_verdict(status: TimesyncStatus | None, node_name: str, enforce: bool) -> Verdict:
+    """Judge timedatectl's report under systemd-timesyncd, as `tracking_verdict` does chrony's."""
+    if status is None:
+        message = f"{node_name}: timedatectl did not answer"
+        hint = " - check `systemctl status systemd-timedated systemd-timesyncd` on the node"
+        return Verdict(not enforce, message + (hint if enforce else " (lab: not enforced)"))
+    message = f"{node_name}: systemd-timesyncd {status.describe()}"
+    if status.ntp_enabled and status.synchronised:
+        return Verdict(True, message)
+    hint = (
+        " - run `timedatectl set-ntp true`"
+        if not status.ntp_enabled
+        else " - check `timedatectl timesync-status` on the node and that UDP 123 reaches the "
+        "servers named in site.ntp"
+    )
+    return Verdict(not enforce, message + (hint if enforce else " (lab: not enforced)"))
+
+
 @operation(is_idempotent=True)
-def chrony_synchronised(node_name: str, enforce: bool) -> Generator[FunctionCommand, None, None]:
-    """Read chronyd's tracking once the service runs; report it, and fail when `enforce` and
-    the clock is not synchronised. Changes nothing, so a no-op deploy stays a no-op."""
+def clock_synchronised(
+    node_name: str, enforce: bool, daemon: str
+) -> Generator[FunctionCommand, None, None]:
+    """Read the time daemon's report once it runs (chrony: `chronyc tracking`; timesyncd:
+    `timedatectl`); report it, and fail when `enforce` and the clock is not synchronised.
+    Changes nothing, so a no-op deploy stays a no-op."""
     if not host.state.is_executing:
-        host.noop("chrony tracking is read after chrony runs")
+        host.noop(f"{daemon} is checked after it runs")
         return
-    verdict = tracking_verdict(host.get_fact(ChronyTracking), node_name, enforce)
+    if daemon == "chrony":
+        verdict = tracking_verdict(host.get_fact(ChronyTracking), node_name, enforce)
+    else:
+        verdict = timesyncd_verdict(host.get_fact(TimesyncdStatus), node_name, enforce)
     if verdict.ok:
         host.log_styled(verdict.message, fg="cyan", log_func=logger.info)
         host.noop(verdict.message)
@@ -198,6 +228,14 @@ def apply(spec: ClusterSpec, node: Node) -> None:
             restarted=True,
             _if=any_changed(*written),
         )
+        clock_synchronised(
+            name=f"[{ROLE}] Verify systemd-timesyncd is synchronised",
+            node_name=node.name,
+            daemon="systemd-timesyncd",
+            enforce=True,
+            _retries=VERIFY_RETRIES,
+            _retry_delay=VERIFY_RETRY_DELAY_S,
+        )
         return
 
     # Installing chrony removes systemd-timesyncd (both provide time-daemon); say it anyway.
@@ -226,9 +264,10 @@ def apply(spec: ClusterSpec, node: Node) -> None:
         restarted=True,
         _if=any_changed(*written),
     )
-    chrony_synchronised(
+    clock_synchronised(
         name=f"[{ROLE}] Verify chrony is synchronised",
         node_name=node.name,
+        daemon="chrony",
         enforce=not spec.is_lab,
         _retries=0 if spec.is_lab else VERIFY_RETRIES,
         _retry_delay=VERIFY_RETRY_DELAY_S,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pyinfra.api.exceptions import FactProcessError
 
-from facts.chrony import ChronyTracking, parse_tracking
+from facts.chrony import ChronyTracking, TimesyncdStatus, parse_tracking
 from facts.storage import ModelCache, MountPoint, parse_cache_line
 
 FIXTURES = Path(__file__).parent / "fixtures" / "facts"
@@ -50,6 +50,40 @@ def test_tracking_when_chronyd_does_not_answer() -> None:
     assert ChronyTracking().process(_lines("chronyc-tracking-no-daemon.txt")) is None
     assert ChronyTracking().process([]) is None
     assert ChronyTracking().process(["", "  "]) is None
+
+
+@pytest.mark.parametrize(
+    ("fixture", "ntp", "synchronised", "server", "described"),
+    [
+        ("timedatectl-ntp-off.txt", False, False, "", "NTP is off (timedatectl set-ntp false)"),
+        (
+            "timedatectl-unsynchronised.txt",
+            True,
+            False,
+            "",
+            "not synchronised, no server yet",
+        ),
+        (
+            "timedatectl-synchronised.txt",
+            True,
+            True,
+            "ntp.example.internal (192.0.2.5)",
+            "synchronised, server ntp.example.internal (192.0.2.5)",
+        ),
+    ],
+)
+def test_timesyncd_status(
+    fixture: str, ntp: bool, synchronised: bool, server: str, described: str
+) -> None:
+    status = TimesyncdStatus().process(_lines(fixture))
+    assert status is not None
+    assert (status.ntp_enabled, status.synchronised, status.server) == (ntp, synchronised, server)
+    assert status.describe() == described
+
+
+def test_timesyncd_status_when_timedated_does_not_answer() -> None:
+    assert TimesyncdStatus().process([]) is None
+    assert TimesyncdStatus().process(["Failed to connect to bus: Host is down"]) is None
 
 
 @pytest.mark.parametrize(

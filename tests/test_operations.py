@@ -12,7 +12,7 @@ import os
 import pytest
 from pyinfra.api.exceptions import DeployError
 
-from roles import container_runtime, mellanox, model_storage, nvidia_driver
+from roles import container_runtime, mellanox, model_storage, nvidia_driver, timesync
 from tests.operations.harness import CASES, Case, load_cases, run_case
 
 ROLES = {
@@ -20,6 +20,7 @@ ROLES = {
     "container_runtime": container_runtime,
     "mellanox": mellanox,
     "model_storage": model_storage,
+    "timesync": timesync,
 }
 ROLE_CASES = [(role, case) for role in ROLES for case in load_cases(role)]
 

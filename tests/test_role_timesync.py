@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from facts.chrony import ChronyTracking, Tracking
+from facts.chrony import ChronyTracking, TimesyncdStatus, TimesyncStatus, Tracking
 from infra.render import HostFile, RolePlan
 from infra.spec import ClusterSpec, load_spec
 from infra.validators import ConfigRejected, check_chrony
@@ -268,3 +268,28 @@ def test_every_node_gets_timesync(spec_path: Path) -> None:
         plan = timesync.plan(spec, node)
         assert plan.role == "timesync" and plan.packages == ["chrony"]
         assert plan.services == ["chrony"]
+
+
+def _timesync(name: str) -> TimesyncStatus | None:
+    return TimesyncdStatus().process((FIXTURES / name).read_text().splitlines())
+
+
+def test_timesyncd_verdicts() -> None:
+    synced = timesync.timesyncd_verdict(_timesync("timedatectl-synchronised.txt"), "gpu-01", True)
+    assert synced == timesync.Verdict(
+        True, "gpu-01: systemd-timesyncd synchronised, server ntp.example.internal (192.0.2.5)"
+    )
+    waiting = timesync.timesyncd_verdict(
+        _timesync("timedatectl-unsynchronised.txt"), "gpu-01", True
+    )
+    assert not waiting.ok and "UDP 123 reaches the servers named in site.ntp" in waiting.message
+    off = timesync.timesyncd_verdict(_timesync("timedatectl-ntp-off.txt"), "gpu-01", True)
+    assert not off.ok and off.message.endswith("run `timedatectl set-ntp true`")
+    assert not timesync.timesyncd_verdict(None, "gpu-01", True).ok
+    assert timesync.timesyncd_verdict(None, "gpu-01", False).ok  # lab: reported only
+
+
+def test_timesyncd_nodes_are_verified_like_chrony_nodes() -> None:
+    spec = _spec(HOSTS / "example-baremetal.yaml", implementation="timesyncd", serve_from=[])
+    plan = timesync.plan(spec, spec.node("gpu-01"))
+    assert plan.summary[-1].startswith("verify: timedatectl must report NTP on")

@@ -372,6 +372,9 @@ def run_case(case: Case, role: ModuleType) -> Result:
         mock.patch.object(connector, "put_file", put_file),
         mock.patch.object(FunctionCommand, "execute", function_execute),
         mock.patch("pyinfra.operations.server.sleep", lambda seconds: None),
+        # Operations' _retry_delay (a verification waiting for a daemon): no real waiting here
+        # (this patches time.sleep itself, for the run).
+        mock.patch("pyinfra.api.operations.time.sleep", lambda seconds: None),
     ):
         add_deploy(state, role.apply, spec=spec, node=node)
         # pyinfra raises "No hosts remaining!" when the only host fails: that is the result.
