@@ -13,6 +13,8 @@ One file, two uses, so the deploy's check and the engines pick the same entry:
 Standard library only: it runs on the python3 of Ubuntu 22.04 and 24.04, outside any virtualenv.
 
     deepfleet-nccl-env --out /run/deepfleet/UNIT.nccl.env mlx5_0:1:bond1.12 mlx5_1:1:bond1.12
+    deepfleet-nccl-env --out - mlx5_0:1:bond1.12 ...    # print it: `deepfleet check` compares
+                                                         # it with what running engines read
 
 Exit 1, with the reason on stderr (the unit's journal), when a port has no RoCE v2 GID with
 an IPv4 address, or when the ports' indexes differ (NCCL takes one index for every device).
@@ -148,15 +150,18 @@ def choose_index(gids: Sequence[Gid], ports: Sequence[Port]) -> tuple[int | None
     return indexes.pop(), []
 
 
-def write_env(path: Path, index: int, ports: Sequence[Port]) -> None:
-    """Replace PATH in one rename, so a container never reads half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = (
+def env_text(index: int, ports: Sequence[Port]) -> str:
+    return (
         "# Written by deepfleet-nccl-env when the engine started, from the RoCE GID table of "
         + ", ".join(str(p) for p in ports)
         + ".\n"
         + f"{VARIABLE}={index}\n"
     )
+
+
+def write_env(path: Path, text: str) -> None:
+    """Replace PATH in one rename, so a container never reads half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as handle:
@@ -173,7 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="deepfleet-nccl-env",
         description=f"Write {VARIABLE} for NCCL from the RoCE GID table.",
     )
-    parser.add_argument("--out", type=Path, required=True, help="the env file to write")
+    parser.add_argument(
+        "--out", required=True, help="the env file to write; - prints it (deepfleet check)"
+    )
     parser.add_argument("--sysfs", type=Path, default=Path("/sys"), help=argparse.SUPPRESS)
     parser.add_argument("ports", nargs="+", type=Port.parse, metavar="DEVICE:PORT[:NETDEV]")
     args = parser.parse_args(argv)
@@ -182,8 +189,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in problems:
             print(f"deepfleet-nccl-env: {problem}", file=sys.stderr)
         return 1
-    write_env(args.out, index, args.ports)
-    print(f"deepfleet-nccl-env: {VARIABLE}={index} for " + ", ".join(map(str, args.ports)))
+    report = f"deepfleet-nccl-env: {VARIABLE}={index} for " + ", ".join(map(str, args.ports))
+    if args.out == "-":
+        sys.stdout.write(env_text(index, args.ports))
+        print(report, file=sys.stderr)
+    else:
+        write_env(Path(args.out), env_text(index, args.ports))
+        print(report)
     return 0
 
 

@@ -48,6 +48,7 @@ from infra.acceptance.verdict import (
     evaluate_multi_node_allreduce,
 )
 from infra.errors import Problem, UserError
+from infra.sglang import nccl_env_files, nccl_env_probe
 from infra.spec import ClusterSpec, Node, SecretRef
 
 # --- limits (docs/monitoring.md lists them) -------------------------------------------------------
@@ -101,6 +102,10 @@ class NodeExpectations:
     image: str | None
     """The engine image the burn-in runs in (the node's first deployment's)."""
     verify_checksums: bool = True
+    gid_probe: tuple[str, ...] = ()
+    """RoCE nodes: the GID probe with `--out -` (prints the index the table gives now)."""
+    gid_env_files: tuple[str, ...] = ()
+    """Where each engine's probe wrote the index it started with."""
 
 
 def expectations(
@@ -126,6 +131,7 @@ def expectations(
         if replica[0] == node.name
     )
     driver = spec.nvidia.driver_version
+    gid_env_files = nccl_env_files(spec, node)
     return NodeExpectations(
         node=node.name,
         lab=spec.is_lab,
@@ -141,6 +147,8 @@ def expectations(
         engines=engines,
         image=deployments[0].image if deployments else None,
         verify_checksums=verify_checksums,
+        gid_probe=tuple(nccl_env_probe(node, "-")) if gid_env_files else (),
+        gid_env_files=tuple(gid_env_files),
     )
 
 
@@ -208,6 +216,19 @@ def probe_commands(exp: NodeExpectations) -> list[tuple[str, str]]:
             (
                 "ibstat",
                 "command -v ibstat >/dev/null || { echo 'ibstat not installed'; exit 127; }; ibstat",
+            )
+        )
+    if exp.gid_probe:
+        # The index the GID table gives now, then the one each engine started with.
+        files = " ".join(shlex.quote(f) for f in exp.gid_env_files)
+        commands.append(
+            (
+                "roce-gid",
+                f"now=$({shlex.join(exp.gid_probe)}) || exit $?; "
+                "printf '%s\\n' \"$now\" | sed -n 's/^NCCL_IB_GID_INDEX=/now /p'; "
+                f"for f in {files}; do "
+                'printf \'engine %s %s\\n\' "$f" "$(sed -n \'s/^NCCL_IB_GID_INDEX=//p\' "$f" 2>/dev/null)"; '
+                "done",
             )
         )
     if exp.time_sync == "chrony":
@@ -583,6 +604,52 @@ def _hgx_checks(exp: NodeExpectations, sections: Sections) -> list[Check]:
     return checks
 
 
+def _gid_checks(exp: NodeExpectations, sections: Sections) -> list[Check]:
+    """RoCE: the GID table still has one good index, and every running engine started with it
+    (an address added since then moves the index; the engine keeps the one it read)."""
+    if not exp.gid_probe:
+        return []
+    section = sections.get("roce-gid")
+    if section is None or section.rc != 0:
+        why = section.output.strip() if section else "not probed"
+        return [_check("roce.gid_index", Status.FAIL, None, "one index", why)]
+    now = next((line.split()[1] for line in section.lines if line.startswith("now ")), None)
+    started = {
+        parts[1]: parts[2] if len(parts) > 2 else None
+        for parts in (line.split() for line in section.lines if line.startswith("engine "))
+    }
+    stale = {path: index for path, index in started.items() if index and index != now}
+    if stale:
+        return [
+            _check(
+                "roce.gid_index",
+                Status.FAIL,
+                sorted(set(stale.values())),
+                now,
+                "; ".join(
+                    f"{path.rsplit('/', 1)[-1].removesuffix('.nccl.env')} started with "
+                    f"NCCL_IB_GID_INDEX={index}"
+                    for path, index in sorted(stale.items())
+                )
+                + f", the GID table has it at {now} now: restart those engines "
+                "(systemctl restart <unit>, one replica at a time) so NCCL uses the right GID",
+            )
+        ]
+    running = sum(1 for index in started.values() if index)
+    return [
+        _check(
+            "roce.gid_index",
+            Status.PASS,
+            now,
+            now,
+            f"NCCL_IB_GID_INDEX={now} from the GID table; {running} of {len(started)} engines "
+            "started with it (the others have not started yet)"
+            if running < len(started)
+            else f"NCCL_IB_GID_INDEX={now} from the GID table; every engine started with it",
+        )
+    ]
+
+
 def _clock_check(exp: NodeExpectations, sections: Sections) -> Check:
     section = sections.get("clock")
     if section is None or section.rc != 0:
@@ -817,6 +884,7 @@ def evaluate_node(
         if not gpus:
             acceptance = [c for c in acceptance if c.name != "gpu.ecc"]
     verdict.checks.extend(acceptance)
+    verdict.checks.extend(_gid_checks(exp, sections))
     verdict.checks.append(_clock_check(exp, sections))
     verdict.checks.append(_dns_check(exp, sections))
     verdict.checks.extend(_model_checks(exp, sections))
@@ -1103,7 +1171,7 @@ def multi_node_replicas(spec: ClusterSpec) -> list[ReplicaNodes]:
     """Every replica of more than one node, with the addresses and environment its engines use
     (infra/sglang.py), so the all-reduce takes the path the engine's NCCL takes."""
     from infra.inventory import node_addresses
-    from infra.sglang import launches_for_spec, nccl_env_probe
+    from infra.sglang import launches_for_spec
 
     launches = launches_for_spec(spec, node_addresses(spec))
     groups: list[ReplicaNodes] = []

@@ -161,9 +161,7 @@ def _launch(
     nodes = [spec.node(n) for n in deployment.replicas[replica - 1]]
     network = _socket_network(spec, nodes)
     role = _role(deployment, replica)
-    unit = f"sglang-{deployment.name}-r{replica}"
-    if len(nodes) > 1:
-        unit += f"-rank{rank}"
+    unit = engine_unit(deployment.name, replica, rank, len(nodes))
     dist_init_addr = None
     if len(nodes) > 1:
         head = _address_on(nodes[0], network, node_addresses)
@@ -201,6 +199,26 @@ def _launch(
         dist_init_addr=dist_init_addr,
         role=role,
     )
+
+
+def engine_unit(deployment: str, replica: int, rank: int, nnodes: int) -> str:
+    """The systemd unit (and container) name of one engine."""
+    return f"sglang-{deployment}-r{replica}" + (f"-rank{rank}" if nnodes > 1 else "")
+
+
+def nccl_env_files(spec: ClusterSpec, node: Node) -> list[str]:
+    """The env files NODE's engines read NCCL_IB_GID_INDEX from (RoCE nodes, unpinned
+    deployments): what the probe wrote when each engine last started."""
+    if not roce_ports(node):
+        return []
+    return [
+        f"{NCCL_ENV_DIR}/{engine_unit(d.name, number, replica.index(node.name), len(replica))}"
+        ".nccl.env"
+        for d in spec.deployments
+        if GID_INDEX_VARIABLE not in d.env
+        for number, replica in enumerate(d.replicas, start=1)
+        if node.name in replica
+    ]
 
 
 def roce_ports(node: Node) -> list[Port]:

@@ -66,6 +66,7 @@ def test_healthy_hgx_node_passes_with_burnin() -> None:
         "node.xid",
         "ib.mlx5_0/1",
         "ib.mlx5_1/1",
+        "roce.gid_index",
         "node.clock",
         "node.dns",
         "model.deepseek-r1.files",
@@ -85,6 +86,13 @@ CASES = [
     ("driver-mismatch.txt", None, {"gpu.driver"}, "Driver/library version mismatch"),
     ("nvlink-down.txt", None, {"gpu.fabricmanager", "gpu.nvlink"}, "inactive"),
     ("healthy-hgx.txt", "burnin-slow-gpu.json", {"gpu3.matmul_tflops"}, "below the minimum"),
+    (
+        "gid-moved.txt",
+        None,
+        {"roce.gid_index"},
+        "sglang-r1-r1-rank0 started with NCCL_IB_GID_INDEX=3",
+    ),
+    ("gid-no-address.txt", None, {"roce.gid_index"}, "no RoCE v2 GID with an IPv4 address"),
 ]
 
 

@@ -13,12 +13,15 @@ import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from facts import roce_gid
 from facts.rdma import parse_gids
+from infra import check
+from infra.acceptance.verdict import Check, Status
 from infra.sglang import launches_for_node
 from infra.spec import load_spec
 from roles import sglang
@@ -177,3 +180,48 @@ def test_the_role_installs_this_file() -> None:
     gpu03 = sglang.plan(BAREMETAL, BAREMETAL.node("gpu-03"))
     assert gpu03 is not None
     assert all(f.path != installed.path for f in gpu03.files)
+
+
+def test_deepfleet_check_compares_the_table_with_what_the_engines_started_with(
+    tmp_path: Path,
+) -> None:
+    """The `roce-gid` probe section, run by sh as the probe script runs it (the node's script
+    path swapped for this checkout's file and the fake sysfs), judged by the check."""
+    exp = check.expectations(BAREMETAL, BAREMETAL.node("gpu-01"))
+    assert exp.gid_probe == (
+        "/usr/local/sbin/deepfleet-nccl-env", "--out", "-", "mlx5_0:1:bond1.12", "mlx5_1:1:bond1.12"
+    )  # fmt: skip
+    assert exp.gid_env_files == ("/run/deepfleet/sglang-r1-r1-rank0.nccl.env",)
+    moved = gids("gids-two-vlans.txt")  # bond1.12's entry at 5, on both ports
+    sysfs = fake_sysfs(tmp_path / "sys", moved + [{**g, "device": "mlx5_1"} for g in moved])
+    started = tmp_path / "sglang-r1-r1-rank0.nccl.env"
+    local = replace(
+        exp,
+        gid_probe=(NODE_PYTHON, str(SCRIPT), "--sysfs", str(sysfs), *exp.gid_probe[1:]),
+        gid_env_files=(str(started), str(tmp_path / "not-started.nccl.env")),
+    )
+    command = dict(check.probe_commands(local))["roce-gid"]
+
+    def judge() -> Check:
+        ran = subprocess.run(
+            ["sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        section = check.Section("roce-gid", ran.returncode, ran.stdout)
+        return check.evaluate_node(local, {"roce-gid": section}).check("roce.gid_index")
+
+    started.write_text("NCCL_IB_GID_INDEX=3\n")  # before the VLAN address moved the entry
+    stale = judge()
+    assert stale.status is Status.FAIL
+    assert stale.message.startswith(
+        "sglang-r1-r1-rank0 started with NCCL_IB_GID_INDEX=3, the GID table has it at 5 now"
+    )
+    started.write_text("NCCL_IB_GID_INDEX=5\n")  # restarted: the probe wrote the new index
+    fresh = judge()
+    assert fresh.status is Status.PASS
+    assert fresh.message == (
+        "NCCL_IB_GID_INDEX=5 from the GID table; 1 of 2 engines started with it (the others "
+        "have not started yet)"
+    )
+    (sysfs / "class/infiniband/mlx5_1").rename(tmp_path / "gone")  # a port lost its device
+    lost = judge()
+    assert lost.status is Status.FAIL and "mlx5_1 port 1: no RoCE v2 GID" in lost.message
