@@ -18,5 +18,9 @@ _roles = {role: plan for role, plan in _plans.items() if plan is not None}
 # operations only where it differs.
 snapshot_node(_spec, _node, _roles)
 
-for _role in _roles:
-    _role.apply(spec=_spec, node=_node)
+# pyinfra names an operation by the line numbers of its call stack alone, so two roles calling
+# at the same lines would be one operation and tie the hosts' orders into a cycle. host.loop
+# adds the role's place in ROLE_NAMES, the same on every host, to every name.
+for _role in host.loop(role_modules()):  # type: ignore[no-untyped-call]
+    if _role in _roles:
+        _role.apply(spec=_spec, node=_node)

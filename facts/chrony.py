@@ -121,11 +121,16 @@ class TimesyncStatus:
     ntp_enabled: bool
     synchronised: bool
     server: str  # "name (address)", or "" when timesyncd has not picked one
+    answered: bool | None = None
+    """Whether timesyncd got a reply since it started (its NTPMessage); None when
+    `show-timesync` said nothing (timesyncd not running, or a systemd without it)."""
 
     def describe(self) -> str:
         if not self.ntp_enabled:
             return "NTP is off (timedatectl set-ntp false)"
         state = "synchronised" if self.synchronised else "not synchronised"
+        if self.answered is False:
+            state += ", no NTP reply since timesyncd started"
         return f"{state}" + (f", server {self.server}" if self.server else ", no server yet")
 
 
@@ -136,16 +141,23 @@ def parse_timesync(lines: list[str]) -> TimesyncStatus | None:
     if "NTPSynchronized" not in values:
         return None
     name, address = values.get("ServerName", ""), values.get("ServerAddress", "")
+    # show-timesync prints NTPMessage only once a reply came (its packet count is not 0).
+    timesync_said = "ServerName" in values or "ServerAddress" in values
     return TimesyncStatus(
         ntp_enabled=values.get("NTP") == "yes",
         synchronised=values["NTPSynchronized"] == "yes",
         server=f"{name} ({address})" if name and address else name or address,
+        answered=bool(values.get("NTPMessage")) if timesync_said else None,
     )
 
 
 class TimesyncdStatus(FactBase[TimesyncStatus | None]):
     """timedatectl's view of the clock under systemd-timesyncd; None when timedated does not
-    answer (no D-Bus, timedatectl missing)."""
+    answer (no D-Bus, timedatectl missing).
+
+    NTPSynchronized alone is not proof: the kernel keeps it for hours after the last sync (by
+    whichever daemon), so a restarted timesyncd with unreachable servers still says yes.
+    The reply since the start (NTPMessage) is."""
 
     def requires_command(self) -> str:
         return "timedatectl"
@@ -154,7 +166,8 @@ class TimesyncdStatus(FactBase[TimesyncStatus | None]):
         # show-timesync (systemd 239+) names the server; its failure leaves the rest usable.
         return (
             "timedatectl show -p NTP -p NTPSynchronized 2>/dev/null; "
-            "timedatectl show-timesync -p ServerName -p ServerAddress 2>/dev/null; true"
+            "timedatectl show-timesync -p ServerName -p ServerAddress -p NTPMessage "
+            "2>/dev/null; true"
         )
 
     def process(self, output: list[str]) -> TimesyncStatus | None:

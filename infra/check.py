@@ -105,7 +105,7 @@ class NodeExpectations:
     gid_probe: tuple[str, ...] = ()
     """RoCE nodes: the GID probe with `--out -` (prints the index the table gives now)."""
     gid_env_files: tuple[str, ...] = ()
-    """Where each engine's probe wrote the index it started with."""
+    """Where each engine's probe wrote the index it started with (removed when it stops)."""
 
 
 def expectations(
@@ -612,6 +612,11 @@ def _gid_checks(exp: NodeExpectations, sections: Sections) -> list[Check]:
     section = sections.get("roce-gid")
     if section is None or section.rc != 0:
         why = section.output.strip() if section else "not probed"
+        if section is not None and section.rc == NOT_INSTALLED:
+            why = (
+                f"{exp.gid_probe[0]} is not installed: the sglang role installs it with the "
+                "engines' units (deploy first)"
+            )
         return [_check("roce.gid_index", Status.FAIL, None, "one index", why)]
     now = next((line.split()[1] for line in section.lines if line.startswith("now ")), None)
     started = {

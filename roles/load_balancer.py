@@ -47,6 +47,7 @@ from roles.monitoring import management_address as monitored_address
 from roles.sglang import (
     ADMIN_SOCKET,
     exec_line,
+    hold_back_failed_replicas,
     put_secret,
     secret_placeholder,
     server_name,
@@ -740,3 +741,6 @@ def apply(spec: ClusterSpec, node: Node) -> None:
         _keepalived(role)
     if lb.open_webui:
         _open_webui(spec, role)
+    if any(f.path == HAPROXY_CFG for f in role.files):
+        # After the config and its reload: a new replica's server exists only now.
+        hold_back_failed_replicas(spec, node, ROLE)

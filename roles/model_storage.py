@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,8 +24,8 @@ from pyinfra.api.exceptions import DeployError
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 from pyinfra.facts.files import Directory
-from pyinfra.facts.server import LinuxDistribution
-from pyinfra.operations import python, systemd
+from pyinfra.facts.server import KernelVersion, LinuxDistribution
+from pyinfra.operations import python, server, systemd
 from pyinfra.operations.util import any_changed
 
 from facts.storage import MANIFEST, STATUS_FILE, ModelCache, MountPoint
@@ -69,8 +70,9 @@ FSTYPES = {"nfs": "nfs", "efs": "nfs4", "fsx-lustre": "lustre"}
 CLIENT_PACKAGES = {
     "nfs": ["nfs-common"],
     "efs": ["nfs-common"],
-    # From AWS's FSx Lustre client repository (see docs/node-roles.md).
-    "fsx-lustre": ["lustre-client-utils", "lustre-client-modules-aws"],
+    # From AWS's FSx Lustre client repository (see docs/node-roles.md): the kernel module is
+    # built per kernel release, so apply picks the one of the running kernel (lustre_packages).
+    "fsx-lustre": ["lustre-client-utils", "lustre-client-modules-$(uname -r)"],
 }
 # Server side: no write caching across a crash, no subtree checks (a whole-filesystem export
 # of one directory tree), root on a client is nobody here.
@@ -338,7 +340,17 @@ def lustre_source(storage: Storage, codename: str) -> str:
     )
 
 
-def _lustre_repository(node: Node, storage: Storage) -> None:
+def lustre_packages(kernel: str) -> list[str]:
+    """AWS builds the Lustre module per kernel release: the running kernel's, and on Ubuntu's
+    -aws kernels also the meta package that follows that flavour through kernel upgrades (on
+    another flavour it would pull in the -aws kernel)."""
+    packages = ["lustre-client-utils", f"lustre-client-modules-{kernel}"]
+    if kernel.endswith("-aws"):
+        packages.append("lustre-client-modules-aws")
+    return packages
+
+
+def _lustre_repository(node: Node, storage: Storage, packages: list[str]) -> None:
     codename = ubuntu_codename(node.name, host.get_fact(LinuxDistribution))
     keyring_directory(ROLE)
     changed = add_repository(
@@ -352,6 +364,21 @@ def _lustre_repository(node: Node, storage: Storage) -> None:
     refresh_lists(
         f"[{ROLE}] Update apt lists after a repository change", condition=any_changed(*changed)
     )
+    module = packages[1]
+    if converge.missing_packages([module]):
+        # apt's own "Unable to locate package" would not say why or what to do.
+        why = (
+            f"{node.name}: {storage.client_repository} has no {module} for the running kernel: "
+            "boot a kernel the repository has a module for (apt-cache search "
+            "lustre-client-modules) or wait until AWS publishes one"
+        )
+        server.shell(
+            name=f"[{ROLE}] Check the Lustre repository has a module for the running kernel",
+            commands=[
+                f"apt-cache show --no-all-versions {shlex.quote(module)} >/dev/null 2>&1 "
+                f"|| {{ echo {shlex.quote(why)} >&2; exit 1; }}"
+            ],
+        )
 
 
 def _fail(state: Any, host: Any, message: str) -> bool:
@@ -485,11 +512,13 @@ def apply(spec: ClusterSpec, node: Node) -> None:
                 ),
             )
             continue
+        packages = CLIENT_PACKAGES[storage.kind]
         if storage.kind == "fsx-lustre":
-            _lustre_repository(node, storage)
+            packages = lustre_packages(host.get_fact(KernelVersion))
+            _lustre_repository(node, storage, packages)
         converge.packages(
             name=f"[{ROLE}] Install the {storage.kind} client",
-            packages=CLIENT_PACKAGES[storage.kind],
+            packages=packages,
         )
         unit_op = put_file(files_by_path[f"{UNIT_DIR}/{mount.unit}"], ROLE)
         systemd.daemon_reload(

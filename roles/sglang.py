@@ -23,14 +23,14 @@ from __future__ import annotations
 import os
 import re
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.api.operation import OperationMeta
+from pyinfra.api.operation import OperationMeta, operation
 from pyinfra.context import ctx_state
 from pyinfra.operations import files, server, systemd
 
@@ -229,7 +229,7 @@ def pull_or_load(image: str) -> str:
 
 # --- rolling restarts (pure) -------------------------------------------------------------------
 
-Action = Literal["drain", "restart", "wait", "ready", "hold"]
+Action = Literal["drain", "restart", "wait", "ready"]
 
 
 @dataclass(frozen=True)
@@ -334,18 +334,6 @@ def rolling_restart_plan(spec: ClusterSpec) -> list[RollingStep]:
                         "ready",
                         f"[sglang] Put {dep.name} replica {number} back into the load balancer",
                         {lb: [f"{HAPROXY_SCRIPT} ready {target}"] for lb in lb_nodes},
-                    )
-                )
-                # A replica started in this run was never drained: HAProxy's health check
-                # routes to it once it answers. Its nodes failing the gate takes it out.
-                steps.append(
-                    RollingStep(
-                        dep.name,
-                        number,
-                        "hold",
-                        f"[sglang] Hold {dep.name} replica {number} back from the load balancer "
-                        "when its nodes failed the acceptance gate",
-                        {lb: [f"{HAPROXY_SCRIPT} drain {target}"] for lb in lb_nodes},
                     )
                 )
     return steps
@@ -521,7 +509,10 @@ def _install_engines(spec: ClusterSpec, node: Node, role: RolePlan) -> None:
     image_ops = _install_image(spec, launches, image_ids)
     put_file(next(f for f in role.files if f.path == READY_SCRIPT), ROLE)
     probe = next((f for f in role.files if f.path == NCCL_ENV_SCRIPT), None)
-    probe_ops = [put_file(probe, ROLE)] if probe is not None else []
+    if probe is not None:
+        # Not a restart trigger: it runs at each start, and a running engine keeps the index
+        # it read (deepfleet check's roce.gid_index reports one that differs from the table).
+        put_file(probe, ROLE)
 
     env_ops: dict[str, list[OperationMeta]] = {}
     for launch in launches:
@@ -573,7 +564,6 @@ def _install_engines(spec: ClusterSpec, node: Node, role: RolePlan) -> None:
             # A running engine restarts, in turn, when anything it runs from changed.
             _CHANGES.setdefault(key, []).extend(
                 [unit_ops[launch.unit_name], *env_ops[launch.deployment], *image_ops]
-                + (probe_ops if launch.nccl_env_command else [])
             )
         # A stopped engine just starts (nothing to drain); rolling waits for it to serve.
         start = converge.service(
@@ -604,9 +594,7 @@ def order_anchor(steps: Sequence[RollingStep], present: set[str]) -> str | None:
     The load balancer (it drains and readmits every replica) is the natural anchor; without
     one in this run (--limit), the first engine host of the plan that is.
     """
-    balancers = sorted(
-        {n for s in steps if s.action in ("drain", "ready", "hold") for n in s.commands}
-    )
+    balancers = sorted({n for s in steps if s.action in ("drain", "ready") for n in s.commands})
     engines = sorted({n for s in steps for n in s.commands} - set(balancers))
     return next((n for n in [*balancers, *engines] if n in present), None)
 
@@ -635,12 +623,10 @@ def _rolling_restart(spec: ClusterSpec, node: Node) -> None:
         else:
             condition = lambda d=dep, n=number: replica_changed(d, n)  # noqa: E731
         if step.action == "ready" and condition is not None:
-            # Never route to a replica whose nodes failed the acceptance gate in this run.
-            condition = lambda c=condition, d=dep, n=number: c() and _gate.passed(d, n)  # noqa: E731
-        elif step.action == "hold" and condition is not None:
-            # A restarted replica that failed is still drained ("ready" did not run).
+            # Back in rotation when its nodes passed the gate: restarted (drained above) or
+            # started (a replica held back by an earlier run comes back once it passes).
             condition = lambda d=dep, n=number: (  # noqa: E731
-                replica_started(d, n) and not replica_changed(d, n) and not _gate.passed(d, n)
+                (replica_changed(d, n) or replica_started(d, n)) and _gate.passed(d, n)
             )
         name = step.name
         if condition is None and commands and forced:
@@ -659,6 +645,36 @@ def _rolling_restart(spec: ClusterSpec, node: Node) -> None:
                 if in_replica
                 else (lambda: False),
             )
+
+
+@operation(is_idempotent=False)
+def _drain_servers(targets: Callable[[], list[str]]) -> Generator[str, None, None]:
+    if not host.state.is_executing:
+        host.noop("drains the replicas whose nodes fail the acceptance gate in this run")
+        return
+    for target in targets():
+        yield f"{HAPROXY_SCRIPT} drain {target}"
+
+
+def hold_back_failed_replicas(spec: ClusterSpec, node: Node, role: str) -> None:
+    """On a load balancer, once its config is written and HAProxy reloaded (called at the end
+    of the load_balancer role): drain every replica whose nodes failed the acceptance gate in
+    this run. A restarted replica that failed is still drained (its "ready" did not run), but
+    a replica started in this run never was, and a new replica's server only exists once the
+    load_balancer role wrote it: HAProxy's health check alone would route to it."""
+    if not _is_lb(spec, node):
+        return
+    targets = {
+        (dep.name, number): f"{backend_name(dep)}/{server_name(dep, number)}"
+        for dep in spec.deployments
+        if haproxy_drains(spec, dep)
+        for number in range(1, len(dep.replicas) + 1)
+    }
+    _drain_servers(
+        name=f"[{role}] Hold back replicas whose nodes failed the acceptance gate",
+        targets=lambda: [targets[key] for key in sorted(_gate.FAILED) if key in targets],
+        _if=lambda: any(key in targets for key in _gate.FAILED),
+    )
 
 
 def snapshot_probes(spec: ClusterSpec, node: Node) -> Probes:

@@ -169,7 +169,7 @@ def timesyncd_verdict(status: TimesyncStatus | None, node_name: str, enforce: bo
         hint = " - check `systemctl status systemd-timedated systemd-timesyncd` on the node"
         return Verdict(not enforce, message + (hint if enforce else " (lab: not enforced)"))
     message = f"{node_name}: systemd-timesyncd {status.describe()}"
-    if status.ntp_enabled and status.synchronised:
+    if status.ntp_enabled and status.synchronised and status.answered is not False:
         return Verdict(True, message)
     hint = (
         " - run `timedatectl set-ntp true`"

@@ -570,6 +570,8 @@ _spec = load_spec(os.environ["SPEC"])
 _node = _spec.node(host.name.split("/")[-1])
 if sglang.plan(_spec, _node) is not None:
     sglang.apply(spec=_spec, node=_node)
+# What the load_balancer role ends with, once its config is in place.
+sglang.hold_back_failed_replicas(_spec, _node, "load_balancer")
 """
 
 
@@ -626,6 +628,9 @@ def test_a_node_failing_the_gate_keeps_its_replica_out_of_the_load_balancer(
         # no "ready chat/r1-r1": the gate on gpu-01 failed
         f"{sglang.HAPROXY_SCRIPT} drain chat/qwen-32b-r1 300",
         f"{sglang.HAPROXY_SCRIPT} ready chat/qwen-32b-r1",
+        # and once the load balancer's config is in place (a reload would have undone the
+        # drain), r1 is drained again
+        f"{sglang.HAPROXY_SCRIPT} drain chat/r1-r1",
     ], text[-4000:]
     assert returncode != 0
     assert "gpu-01 failed its acceptance checks and stays out of the load balancer" in text
@@ -635,8 +640,12 @@ def test_a_node_failing_the_gate_keeps_its_replica_out_of_the_load_balancer(
 @pytest.mark.slow
 def test_a_replica_started_in_this_run_that_fails_the_gate_is_held_back(tmp_path: Path) -> None:
     """Engines started for the first time were never drained: HAProxy's health check would
-    route to r1 once it answers. Its failing gate drains it; qwen-32b, healthy, is left alone."""
+    route to r1 once it answers. Its failing gate drains it, after the load balancer's config
+    (which is where a new replica's server appears); qwen-32b, healthy, is put in rotation."""
     lb, text, returncode = _gate_deploy(tmp_path, running=False)
-    assert lb == [f"{sglang.HAPROXY_SCRIPT} drain chat/r1-r1"], text[-4000:]
+    assert lb == [
+        f"{sglang.HAPROXY_SCRIPT} ready chat/qwen-32b-r1",
+        f"{sglang.HAPROXY_SCRIPT} drain chat/r1-r1",
+    ], text[-4000:]
     assert returncode != 0
     assert "gpu-01 failed its acceptance checks and stays out of the load balancer" in text

@@ -61,7 +61,7 @@ def test_tracking_when_chronyd_does_not_answer() -> None:
             True,
             False,
             "",
-            "not synchronised, no server yet",
+            "not synchronised, no NTP reply since timesyncd started, no server yet",
         ),
         (
             "timedatectl-synchronised.txt",
@@ -69,6 +69,15 @@ def test_tracking_when_chronyd_does_not_answer() -> None:
             True,
             "ntp.example.internal (192.0.2.5)",
             "synchronised, server ntp.example.internal (192.0.2.5)",
+        ),
+        (
+            # The kernel still says synchronised (an earlier sync), but no reply came since
+            # timesyncd restarted with its new servers.
+            "timedatectl-stale.txt",
+            True,
+            True,
+            "ntp.example.internal",
+            "synchronised, no NTP reply since timesyncd started, server ntp.example.internal",
         ),
     ],
 )
@@ -79,6 +88,15 @@ def test_timesyncd_status(
     assert status is not None
     assert (status.ntp_enabled, status.synchronised, status.server) == (ntp, synchronised, server)
     assert status.describe() == described
+    assert (
+        status.answered
+        == {
+            "timedatectl-ntp-off.txt": None,  # show-timesync said nothing
+            "timedatectl-unsynchronised.txt": False,
+            "timedatectl-synchronised.txt": True,
+            "timedatectl-stale.txt": False,
+        }[fixture]
+    )
 
 
 def test_timesyncd_status_when_timedated_does_not_answer() -> None:

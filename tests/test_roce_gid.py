@@ -163,6 +163,8 @@ def test_the_units_probe_writes_the_file_their_container_reads(tmp_path: Path) -
             )
             assert ("--env-file", str(out)) in itertools.pairwise(docker)
             assert env_file(local) == {"NCCL_IB_GID_INDEX": "3"}
+            # Gone when the engine stops: deepfleet check compares running engines only.
+            assert f"\nExecStopPost=-/bin/rm -f {out}\n" in unit
 
 
 def test_the_script_is_python_the_nodes_run() -> None:

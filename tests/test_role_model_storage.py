@@ -207,7 +207,7 @@ def test_fsx_lustre_without_a_source_is_pending() -> None:
     assert "Type=lustre" in lines and "Options=flock,noatime,ro" in lines
     assert "What=models.fsx.invalid@tcp:/models" in lines
     assert any(line.startswith("PENDING: the fsx-lustre mount source") for line in plan.summary)
-    assert plan.packages == ["lustre-client-utils", "lustre-client-modules-aws"]
+    assert plan.packages == ["lustre-client-utils", "lustre-client-modules-$(uname -r)"]
 
 
 def test_fsx_lustre_with_pulumis_mount_target() -> None:
@@ -491,3 +491,16 @@ def test_lustre_first_run_converges() -> None:
     assert not first.failed, first.errors
     again = run_case(second_run(case, first), model_storage)
     assert again.commands == {}, again.commands
+
+
+def test_lustre_module_follows_the_running_kernel() -> None:
+    assert model_storage.lustre_packages("6.8.0-1024-aws") == [
+        "lustre-client-utils",
+        "lustre-client-modules-6.8.0-1024-aws",
+        "lustre-client-modules-aws",  # follows the -aws flavour through kernel upgrades
+    ]
+    # Another flavour: its own module only (the -aws meta package would pull in that kernel).
+    assert model_storage.lustre_packages("6.8.0-49-generic") == [
+        "lustre-client-utils",
+        "lustre-client-modules-6.8.0-49-generic",
+    ]

@@ -242,19 +242,15 @@ def test_rolling_restart_takes_one_replica_out_at_a_time(spec_path: Path) -> Non
     for dep in spec.deployments:
         for number, replica in enumerate(dep.replicas, start=1):
             mine = [s for s in steps if (s.deployment, s.replica) == (dep.name, number)]
-            assert [s.action for s in mine] == ["drain", "restart", "wait", "ready", "hold"]
-            drain, restart, wait, ready, hold = mine
+            assert [s.action for s in mine] == ["drain", "restart", "wait", "ready"]
+            drain, restart, wait, ready = mine
             assert sorted(restart.commands) == sorted(replica)  # every rank restarts
             assert list(wait.commands) == [replica[0]]  # rank 0 answers /health_generate
             assert sorted(drain.commands) == sorted(spec.load_balancer.nodes)  # type: ignore[union-attr]
             assert sorted(ready.commands) == sorted(drain.commands)
             assert "/health_generate" in wait.commands[replica[0]][0]
-            # Only for a replica started in this run whose gate failed (conditions at run time).
-            assert hold.commands == {
-                lb: [drain.commands[lb][0].rsplit(" ", 1)[0]] for lb in drain.commands
-            }
-            # The next replica is only drained after this one is back (or held back).
-            after = steps[steps.index(hold) + 1 :]
+            # The next replica is only drained after this one is back.
+            after = steps[steps.index(ready) + 1 :]
             before = steps[: steps.index(drain)]
             others = [s for s in steps if s not in mine]
             assert all(s in before or s in after for s in others)
@@ -267,12 +263,10 @@ def test_lab_rolling_restart_order() -> None:
         ("restart", 1, ["gpu-01"]),
         ("wait", 1, ["gpu-01"]),
         ("ready", 1, ["lb-01"]),
-        ("hold", 1, ["lb-01"]),
         ("drain", 2, ["lb-01"]),
         ("restart", 2, ["gpu-02"]),
         ("wait", 2, ["gpu-02"]),
         ("ready", 2, ["lb-01"]),
-        ("hold", 2, ["lb-01"]),
     ]
     assert steps[0].commands["lb-01"] == [f"{sglang.HAPROXY_SCRIPT} drain chat/chat-r1 300"]
     assert steps[1].commands["gpu-01"] == ["systemctl restart sglang-chat-r1.service"]
@@ -476,7 +470,11 @@ def test_pyinfra_first_deploy_starts_everything_and_waits_without_draining(tmp_p
     commands = _run_fake_deploy(tmp_path, running=False)
     assert [c for _, c in commands] == [
         f"{sglang.READY_SCRIPT} http://127.0.0.1:30000/health_generate 4080 sglang-r1-r1-rank0.service",
+        # Started replicas that passed the gate are put in rotation (nothing drained them; a
+        # replica held back by an earlier run comes back here).
+        f"{sglang.HAPROXY_SCRIPT} ready chat/r1-r1",
         f"{sglang.READY_SCRIPT} http://127.0.0.1:30000/health_generate 3600 sglang-qwen-32b-r1.service",
+        f"{sglang.HAPROXY_SCRIPT} ready chat/qwen-32b-r1",
     ]
 
 

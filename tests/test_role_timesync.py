@@ -283,6 +283,8 @@ def test_timesyncd_verdicts() -> None:
         _timesync("timedatectl-unsynchronised.txt"), "gpu-01", True
     )
     assert not waiting.ok and "UDP 123 reaches the servers named in site.ntp" in waiting.message
+    stale = timesync.timesyncd_verdict(_timesync("timedatectl-stale.txt"), "gpu-01", True)
+    assert not stale.ok and "no NTP reply since timesyncd started" in stale.message
     off = timesync.timesyncd_verdict(_timesync("timedatectl-ntp-off.txt"), "gpu-01", True)
     assert not off.ok and off.message.endswith("run `timedatectl set-ntp true`")
     assert not timesync.timesyncd_verdict(None, "gpu-01", True).ok
