@@ -194,13 +194,6 @@ def check_haproxy(host_file: HostFile) -> None:
             else:
                 stand_in.touch()
             content = content.replace(reference, str(stand_in))
-        for reference in sorted(set(re.findall(r"server-state-file (\S+)", content))):
-            # Written on the node by the drain helper: a stand-in with no servers in it.
-            stand_in = Path(scratch) / "server-state"
-            stand_in.write_text("1\n# stand-in\n")
-            content = content.replace(
-                f"server-state-file {reference}", f"server-state-file {stand_in}"
-            )
         conf = Path(scratch) / "haproxy.cfg"
         conf.write_text(content)
         _run([haproxy, "-dW", "-c", "-f", str(conf)], host_file.path, "haproxy -c")

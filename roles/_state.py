@@ -300,12 +300,6 @@ def directory_matches(path: str, mode: str | None = None, user: str | None = Non
     )
 
 
-def path_present(path: str) -> bool:
-    """True only when the snapshot shows something at PATH (it must have been asked for)."""
-    current = snapshot()
-    return current is not None and path in current.paths
-
-
 def listed(directory: str) -> list[str] | None:
     """The entries of a directory asked for in the snapshot (None: not asked)."""
     current = snapshot()

@@ -46,7 +46,6 @@ from roles.monitoring import SMG_METRICS_PORT
 from roles.monitoring import management_address as monitored_address
 from roles.sglang import (
     ADMIN_SOCKET,
-    HAPROXY_STATE_FILE,
     exec_line,
     hold_back_failed_replicas,
     put_secret,
@@ -347,7 +346,6 @@ def render_haproxy(spec: ClusterSpec, node: Node) -> str:
         env_file=HAPROXY_ENV,
         maxconn=MAXCONN,
         admin_socket=ADMIN_SOCKET,
-        state_file=HAPROXY_STATE_FILE,
         tls=lb.tls is not None,
         timeout_s=lb.timeout_s,
         bind=bind,
@@ -578,14 +576,6 @@ def _haproxy(spec: ClusterSpec, role: RolePlan) -> None:
         reload_on.append(
             put_secret(role=ROLE, path=TLS_PEM, ref=lb.tls.certificate, content=lambda v: v + "\n")
         )
-    if not _state.path_present(HAPROXY_STATE_FILE):
-        # HAProxy warns at every start while its server-state-file is missing; the drain
-        # helper replaces this with the servers' state at its first change.
-        state = shlex.quote(HAPROXY_STATE_FILE)
-        server.shell(
-            name=f"[{ROLE}] Create HAProxy's server state file {HAPROXY_STATE_FILE}",
-            commands=[f"[ -e {state} ] || printf '1\\n# no server state saved yet\\n' > {state}"],
-        )
     reload_on.append(put_file(_planned(role, HAPROXY_CFG), ROLE))
     converge.service(
         name=f"[{ROLE}] Start and enable haproxy",
@@ -712,7 +702,6 @@ def snapshot_probes(spec: ClusterSpec, node: Node) -> Probes:
     return Probes(
         paths=(
             HAPROXY_ENV,
-            HAPROXY_STATE_FILE,
             TLS_PEM,
             SMG_ENV,
             OPEN_WEBUI_ENV,

@@ -60,8 +60,6 @@ UNIT_DIR = "/etc/systemd/system"
 READY_SCRIPT = "/usr/local/sbin/deepfleet-engine-ready"
 HAPROXY_SCRIPT = "/usr/local/sbin/deepfleet-haproxy-server"
 ADMIN_SOCKET = "/run/haproxy/admin.sock"
-HAPROXY_STATE_FILE = "/var/lib/haproxy/server-state"
-"""Servers' drain/maint state, saved by HAPROXY_SCRIPT and loaded by HAProxy at each reload."""
 IMAGE_CACHE = "/var/cache/deepfleet/images"
 """Node directory for image tarballs: air-gapped sites drop `<image slug>.tar` here and the
 role loads it instead of pulling; the lab uploads the stand-in archive here."""
@@ -362,11 +360,7 @@ def plan(spec: ClusterSpec, node: Node) -> RolePlan | None:
         role.files.append(
             HostFile(
                 HAPROXY_SCRIPT,
-                render(
-                    "sglang/deepfleet-haproxy-server.py.j2",
-                    socket=ADMIN_SOCKET,
-                    state_file=HAPROXY_STATE_FILE,
-                ),
+                render("sglang/deepfleet-haproxy-server.py.j2", socket=ADMIN_SOCKET),
                 mode="755",
             )
         )

@@ -553,11 +553,8 @@ def _haproxy_in_front_of_standins(
     ports = {name: _free_port() for name in engines}
     front, stats = _free_port(), _free_port()
     sock = tmp_path / "admin.sock"
-    state = tmp_path / "server-state"
-    state.write_text("1\n# no server state saved yet\n")  # what the role creates
     cfg = (
         cfg.replace("    chroot /var/lib/haproxy\n    user haproxy\n    group haproxy\n", "")
-        .replace(sglang.HAPROXY_STATE_FILE, str(state))
         .replace("bind :8000", f"bind 127.0.0.1:{front}")
         .replace("src 10.77.0.0/24", "src 127.0.0.0/8")
         .replace("bind 10.77.0.10:8404", f"bind 127.0.0.1:{stats}")
@@ -589,43 +586,22 @@ def _haproxy_in_front_of_standins(
         for name, served in engines.items()
     ]
     env = {**os.environ, lb.KEY_VARIABLE: KEY}
-
-    def start_haproxy() -> None:
-        procs.append(
-            subprocess.Popen(
-                ["haproxy", "-f", str(tmp_path / "haproxy.cfg")],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )
+    procs.append(
+        subprocess.Popen(
+            ["haproxy", "-f", str(tmp_path / "haproxy.cfg")],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
-
-    def restart_haproxy() -> None:
-        """A new HAProxy on the same config, as a reload starts one: it loads the state file."""
-        old = procs.pop()
-        old.terminate()
-        old.wait(timeout=10)
-        start_haproxy()
-        _wait_http(f"http://127.0.0.1:{front}/")
-        time.sleep(0.6)
-
-    start_haproxy()
-    script = tmp_path / "deepfleet-haproxy-server"
-    script.write_text(
-        render("sglang/deepfleet-haproxy-server.py.j2", socket=str(sock), state_file=str(state))
     )
+    script = tmp_path / "deepfleet-haproxy-server"
+    script.write_text(render("sglang/deepfleet-haproxy-server.py.j2", socket=str(sock)))
     try:
         for port in ports.values():
             _wait_http(f"http://127.0.0.1:{port}/health")
         _wait_http(f"http://127.0.0.1:{front}/")
         time.sleep(0.6)  # first health checks
-        yield {
-            "url": f"http://127.0.0.1:{front}",
-            "script": script,
-            "sock": sock,
-            "restart": restart_haproxy,
-            "state": state,
-        }
+        yield {"url": f"http://127.0.0.1:{front}", "script": script, "sock": sock}
     finally:
         for proc in procs:
             proc.terminate()
@@ -680,35 +656,9 @@ def test_live_drain_takes_one_replica_out_and_ready_puts_it_back(live: dict[str,
     assert unknown.returncode == 0 and "nothing to drain" in unknown.stdout
 
 
-@pytest.mark.slow
-def test_live_a_drain_survives_a_new_haproxy(live: dict[str, object]) -> None:
-    """The helper saves the servers' state; HAProxy loads it when it starts (reload or
-    restart), so a replica drained (or held back by the gate) stays out of rotation."""
-    url = f"{live['url']}/v1/chat/completions"
-    run = [sys.executable, str(live["script"])]
-    assert subprocess.run([*run, "drain", "chat/chat-r1"], capture_output=True).returncode == 0
-    saved = Path(str(live["state"])).read_text().splitlines()
-    assert saved[0] == "1" and any(" chat-r1 " in line for line in saved[2:])
-    restart = live["restart"]
-    assert callable(restart)
-    restart()
-    shown = subprocess.run([*run, "show"], capture_output=True, text=True).stdout
-    assert "chat/chat-r1 DRAIN" in shown, shown
-    assert {str(_post(url, KEY)[1]["model"]) for _ in range(6)} == {"chat-r2"}
-    assert subprocess.run([*run, "ready", "chat/chat-r1"], capture_output=True).returncode == 0
-    restart()
-    assert {str(_post(url, KEY)[1]["model"]) for _ in range(8)} == {"chat-r1", "chat-r2"}
-
-
 def test_drain_script_without_haproxy_is_a_no_op(tmp_path: Path) -> None:
     script = tmp_path / "s"
-    script.write_text(
-        render(
-            "sglang/deepfleet-haproxy-server.py.j2",
-            socket=str(tmp_path / "no"),
-            state_file=str(tmp_path / "state"),
-        )
-    )
+    script.write_text(render("sglang/deepfleet-haproxy-server.py.j2", socket=str(tmp_path / "no")))
     result = subprocess.run(
         [sys.executable, str(script), "drain", "chat/chat-r1", "1"], capture_output=True, text=True
     )
