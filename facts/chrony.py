@@ -131,6 +131,8 @@ class TimesyncStatus:
         state = "synchronised" if self.synchronised else "not synchronised"
         if self.answered is False:
             state += ", no NTP reply since timesyncd started"
+        elif self.answered is None:
+            state += ", timesyncd not answering (show-timesync printed nothing)"
         return f"{state}" + (f", server {self.server}" if self.server else ", no server yet")
 
 

@@ -3,17 +3,17 @@
 Runs at execution time (pyinfra `python.call`), right after a restarted or started replica's
 engines answer /health_generate: the node's health probe (`facts.node_health.NodeHealth`, the
 same script `deepfleet check` runs over SSH, without the burn-in) is judged by
-`infra.check.node_ready`. A failing node fails the deploy on that host, naming its checks, and
-`passed()` turns false for the replica, which keeps the sglang role's "ready" step (back into
-HAProxy after a drain) from running. A replica started in this run was never drained (HAProxy's
-health check routes to it once it answers): its failing gate makes the sglang role's "hold"
-step drain it (docs/monitoring.md).
+`infra.check.node_ready`. A failing node fails the deploy on that host, naming its checks.
+`passed()` is true only when every node of the replica passed in this run: a failed node, or one
+that never got here (its engine did not answer, so pyinfra dropped the host), keeps the sglang
+role's "ready" step from running, and the load_balancer role ends by draining such a replica
+(`roles.sglang.hold_back_failed_replicas`; docs/monitoring.md).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from pyinfra import host
 from pyinfra.operations import python
@@ -28,6 +28,8 @@ GATE_VARIABLE = "DEEPFLEET_GATE"
 
 # (deployment, replica) -> the failures that keep it out of the load balancer in this run.
 FAILED: dict[tuple[str, int], list[str]] = {}
+# (deployment, replica) -> the nodes that passed in this run.
+PASSED: dict[tuple[str, int], set[str]] = {}
 
 
 class GateFailed(RuntimeError):
@@ -43,6 +45,7 @@ def gate(
     def judge() -> None:
         if os.environ.get(GATE_VARIABLE) == "off":
             host.noop(f"acceptance gate disabled by {GATE_VARIABLE}=off")
+            PASSED.setdefault((deployment, replica), set()).add(node.name)
             return
         script = probe_script(expectations(spec, node))
         sections = host.get_fact(NodeHealth, script=script)
@@ -54,6 +57,7 @@ def gate(
                 f"{node.name} failed its acceptance checks and stays out of the load balancer: "
                 + "; ".join(failures)
             )
+        PASSED.setdefault((deployment, replica), set()).add(node.name)
 
     python.call(
         name=f"[sglang] Check {deployment} replica {replica} nodes before they serve",
@@ -62,5 +66,7 @@ def gate(
     )
 
 
-def passed(deployment: str, replica: int) -> bool:
-    return (deployment, replica) not in FAILED
+def passed(deployment: str, replica: int, nodes: Collection[str]) -> bool:
+    """Every one of the replica's NODES passed in this run (none failed, none missing)."""
+    key = (deployment, replica)
+    return key not in FAILED and set(nodes) <= PASSED.get(key, set())

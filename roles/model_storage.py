@@ -361,11 +361,14 @@ def _lustre_repository(node: Node, storage: Storage, packages: list[str]) -> Non
         lustre_source(storage, codename),
         replaces=(AWS_GUIDE_SOURCE,),
     )
-    refresh_lists(
-        f"[{ROLE}] Update apt lists after a repository change", condition=any_changed(*changed)
-    )
     module = packages[1]
-    if converge.missing_packages([module]):
+    missing = bool(converge.missing_packages([module]))
+    # Also when the module is missing: after a kernel upgrade the lists may predate its module.
+    refresh_lists(
+        f"[{ROLE}] Update apt lists (repository changed or kernel module missing)",
+        condition=lambda: missing or any_changed(*changed)(),
+    )
+    if missing:
         # apt's own "Unable to locate package" would not say why or what to do.
         why = (
             f"{node.name}: {storage.client_repository} has no {module} for the running kernel: "

@@ -626,7 +626,8 @@ def _rolling_restart(spec: ClusterSpec, node: Node) -> None:
             # Back in rotation when its nodes passed the gate: restarted (drained above) or
             # started (a replica held back by an earlier run comes back once it passes).
             condition = lambda d=dep, n=number: (  # noqa: E731
-                (replica_changed(d, n) or replica_started(d, n)) and _gate.passed(d, n)
+                (replica_changed(d, n) or replica_started(d, n))
+                and _gate.passed(d, n, replica_nodes(spec, d, n))
             )
         name = step.name
         if condition is None and commands and forced:
@@ -658,22 +659,32 @@ def _drain_servers(targets: Callable[[], list[str]]) -> Generator[str, None, Non
 
 def hold_back_failed_replicas(spec: ClusterSpec, node: Node, role: str) -> None:
     """On a load balancer, once its config is written and HAProxy reloaded (called at the end
-    of the load_balancer role): drain every replica whose nodes failed the acceptance gate in
-    this run. A restarted replica that failed is still drained (its "ready" did not run), but
-    a replica started in this run never was, and a new replica's server only exists once the
-    load_balancer role wrote it: HAProxy's health check alone would route to it."""
+    of the load_balancer role): drain every replica restarted or started in this run whose
+    nodes did not all pass the acceptance gate (one failed, or one's engine never answered so
+    its gate never ran). A restarted one is drained already unless a reload put it back; a
+    started one never was, and a new replica's server only exists once the load_balancer role
+    wrote it: HAProxy's health check alone would route to it."""
     if not _is_lb(spec, node):
         return
-    targets = {
-        (dep.name, number): f"{backend_name(dep)}/{server_name(dep, number)}"
+    replicas = {
+        (dep.name, number): (f"{backend_name(dep)}/{server_name(dep, number)}", replica)
         for dep in spec.deployments
         if haproxy_drains(spec, dep)
-        for number in range(1, len(dep.replicas) + 1)
+        for number, replica in enumerate(dep.replicas, start=1)
     }
+
+    def held_back() -> list[str]:
+        return [
+            target
+            for (dep, number), (target, nodes) in sorted(replicas.items())
+            if (replica_changed(dep, number) or replica_started(dep, number))
+            and not _gate.passed(dep, number, nodes)
+        ]
+
     _drain_servers(
-        name=f"[{role}] Hold back replicas whose nodes failed the acceptance gate",
-        targets=lambda: [targets[key] for key in sorted(_gate.FAILED) if key in targets],
-        _if=lambda: any(key in targets for key in _gate.FAILED),
+        name=f"[{role}] Hold back replicas whose nodes did not pass the acceptance gate",
+        targets=held_back,
+        _if=lambda: bool(held_back()),
     )
 
 

@@ -169,11 +169,13 @@ def timesyncd_verdict(status: TimesyncStatus | None, node_name: str, enforce: bo
         hint = " - check `systemctl status systemd-timedated systemd-timesyncd` on the node"
         return Verdict(not enforce, message + (hint if enforce else " (lab: not enforced)"))
     message = f"{node_name}: systemd-timesyncd {status.describe()}"
-    if status.ntp_enabled and status.synchronised and status.answered is not False:
+    if status.ntp_enabled and status.synchronised and status.answered:
         return Verdict(True, message)
     hint = (
         " - run `timedatectl set-ntp true`"
         if not status.ntp_enabled
+        else " - systemd-timesyncd is not running (`systemctl status systemd-timesyncd`)"
+        if status.answered is None
         else " - check `timedatectl timesync-status` on the node and that UDP 123 reaches the "
         "servers named in site.ntp"
     )

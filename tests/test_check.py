@@ -551,11 +551,14 @@ import json
 _running = json.dumps({{"Name": "/x", "Image": "sha256:1", "State": {{"Running": {running}}},
     "Config": {{"Image": "img", "Entrypoint": ["/bin/sh"], "Cmd": ["x"]}}, "HostConfig": {{}}}})
 _probes = json.loads({probes!r})
+_silent = {silent!r}  # hosts whose engine never answers /health_generate
 hosts = [
     (f"@fake/{{n}}", {{"fake_delay": 0, "fake_delay_jitter": 0, "fake_responses": {{
         "docker inspect --type container": _running,
         # the NodeHealth fact: infra.check.probe_script(...) names itself in its first comment
         "deepfleet check: read-only probes": _probes.get(n, ""),
+        **({{"deepfleet-engine-ready http": {{"stderr": "no answer", "success": False}}}}
+           if n in _silent else {{}}),
     }}}})
     for n in ("lb-01", "gpu-01", "gpu-02", "gpu-03")
 ]
@@ -575,7 +578,9 @@ sglang.hold_back_failed_replicas(_spec, _node, "load_balancer")
 """
 
 
-def _gate_deploy(tmp_path: Path, running: bool) -> tuple[list[str], str, int]:
+def _gate_deploy(
+    tmp_path: Path, running: bool, silent: tuple[str, ...] = ()
+) -> tuple[list[str], str, int]:
     """The real pyinfra CLI on its fake connector, gate on, every engine's unit changed.
     gpu-01 (r1, rank 0) reports a down RDMA port; gpu-02 and gpu-03 are healthy. Returns the
     load balancer's HAProxy commands, the output and the exit status."""
@@ -586,7 +591,7 @@ def _gate_deploy(tmp_path: Path, running: bool) -> tuple[list[str], str, int]:
     }
     assert check.node_ready(BAREMETAL, "gpu-02", probes["gpu-02"]).passed
     (tmp_path / "inv.py").write_text(
-        _GATE_INVENTORY.format(probes=json.dumps(probes), running=running)
+        _GATE_INVENTORY.format(probes=json.dumps(probes), running=running, silent=list(silent))
     )
     (tmp_path / "deploy.py").write_text(_GATE_DEPLOY)
     project = HOSTS.parent
@@ -649,3 +654,27 @@ def test_a_replica_started_in_this_run_that_fails_the_gate_is_held_back(tmp_path
     ], text[-4000:]
     assert returncode != 0
     assert "gpu-01 failed its acceptance checks and stays out of the load balancer" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("running", [True, False], ids=["restarted", "started"])
+def test_a_replica_whose_engine_never_answered_is_not_put_in_rotation(
+    tmp_path: Path, running: bool
+) -> None:
+    """gpu-03's engine (qwen-32b) never answers /health_generate: pyinfra drops the host before
+    its gate runs. That is no pass: qwen-32b is not put back (restarted) or is drained
+    (started), like a replica whose node failed its checks."""
+    lb, text, returncode = _gate_deploy(tmp_path, running=running, silent=("gpu-03",))
+    h = sglang.HAPROXY_SCRIPT
+    if running:
+        expected = [
+            f"{h} drain chat/r1-r1 300",
+            f"{h} drain chat/qwen-32b-r1 300",
+            # the load balancer's last step: every replica that did not fully pass
+            f"{h} drain chat/qwen-32b-r1",
+            f"{h} drain chat/r1-r1",
+        ]
+    else:
+        expected = [f"{h} drain chat/qwen-32b-r1", f"{h} drain chat/r1-r1"]
+    assert lb == expected, text[-4000:]
+    assert returncode != 0

@@ -287,6 +287,10 @@ def test_timesyncd_verdicts() -> None:
     assert not stale.ok and "no NTP reply since timesyncd started" in stale.message
     off = timesync.timesyncd_verdict(_timesync("timedatectl-ntp-off.txt"), "gpu-01", True)
     assert not off.ok and off.message.endswith("run `timedatectl set-ntp true`")
+    # The kernel still says synchronised (chrony's last sync), but timesyncd says nothing.
+    silent = TimesyncdStatus().process(["NTP=yes", "NTPSynchronized=yes"])
+    quiet = timesync.timesyncd_verdict(silent, "gpu-01", True)
+    assert not quiet.ok and "systemd-timesyncd is not running" in quiet.message
     assert not timesync.timesyncd_verdict(None, "gpu-01", True).ok
     assert timesync.timesyncd_verdict(None, "gpu-01", False).ok  # lab: reported only
 
