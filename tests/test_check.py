@@ -7,7 +7,6 @@ fault is a new fixture file and a row in CASES.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -26,6 +25,7 @@ from infra.sglang import launches_for_spec
 from infra.spec import load_spec
 from roles import sglang
 from tests.conftest import HOSTS
+from tests.fake_pyinfra import run_fake_deploy
 
 FIXTURES = Path(__file__).parent / "fixtures" / "check"
 BAREMETAL = load_spec(HOSTS / "example-baremetal.yaml")
@@ -299,7 +299,6 @@ def test_cli_json_and_exit_code(
 def standin() -> Any:
     """The lab's SGLang stand-in on a free local port, with an API key."""
     import socket
-    import sys
     import time
     import urllib.request
 
@@ -590,34 +589,14 @@ def _gate_deploy(
         "gpu-03": _healthy_gpu_03(),
     }
     assert check.node_ready(BAREMETAL, "gpu-02", probes["gpu-02"]).passed
-    (tmp_path / "inv.py").write_text(
-        _GATE_INVENTORY.format(probes=json.dumps(probes), running=running, silent=list(silent))
+    ran = run_fake_deploy(
+        tmp_path,
+        _GATE_INVENTORY.format(probes=json.dumps(probes), running=running, silent=list(silent)),
+        _GATE_DEPLOY,
+        {"DEEPFLEET_API_KEY": "gate-test-key", "DEEPFLEET_GATE": None},
     )
-    (tmp_path / "deploy.py").write_text(_GATE_DEPLOY)
-    project = HOSTS.parent
-    env = {
-        **os.environ,
-        "SPEC": str(HOSTS / "example-baremetal.yaml"),
-        "DEEPFLEET_API_KEY": "gate-test-key",
-        "PYTHONPATH": str(project),
-        "PYINFRA_FAKE_DELAY": "0",
-        "PYINFRA_PROGRESS": "off",
-    }
-    env.pop("DEEPFLEET_GATE", None)
-    pyinfra = str(Path(sys.executable).parent / "pyinfra")
-    result = subprocess.run(
-        [pyinfra, "-y", "-vv", str(tmp_path / "inv.py"), str(tmp_path / "deploy.py")],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    text = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
-    commands = re.findall(r"^\[@fake/([\w-]+)\]\s+>>> (.*)$", text, re.M)
-    lb = [c for h, c in commands if h == "lb-01" and c.startswith(sglang.HAPROXY_SCRIPT)]
-    return lb, text, result.returncode
+    lb = [c for h, c in ran.commands if h == "lb-01" and c.startswith(sglang.HAPROXY_SCRIPT)]
+    return lb, ran.text, ran.returncode
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ and the engine-container fact that turns a hand-started container into drift."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -28,6 +27,7 @@ from infra.sglang import launches_for_spec
 from infra.spec import ClusterSpec, SecretRef, load_spec
 from roles import sglang
 from tests.conftest import EXAMPLE_SPECS, HOSTS
+from tests.fake_pyinfra import run_fake_deploy
 
 LAB = load_spec(HOSTS / "lab.yaml")
 BAREMETAL = load_spec(HOSTS / "example-baremetal.yaml")
@@ -390,35 +390,17 @@ _ROLLING = (sglang.HAPROXY_SCRIPT, "systemctl restart sglang", sglang.READY_SCRI
 
 
 def _run_fake_deploy(tmp_path: Path, running: bool) -> list[tuple[str, str]]:
-    (tmp_path / "inv.py").write_text(_INVENTORY.format(running=running))
-    (tmp_path / "deploy.py").write_text(_DEPLOY)
-    project = HOSTS.parent
-    env = {
-        **os.environ,
-        "SPEC": str(HOSTS / "example-baremetal.yaml"),
-        "DEEPFLEET_API_KEY": SENTINEL,
-        "PYTHONPATH": str(project),
-        "PYINFRA_FAKE_DELAY": "0",
-        "PYINFRA_PROGRESS": "off",
+    ran = run_fake_deploy(
+        tmp_path,
+        _INVENTORY.format(running=running),
+        _DEPLOY,
         # Fake hosts answer no health probe; the gate itself is tested on the lab.
-        "DEEPFLEET_GATE": "off",
-    }
-    pyinfra = Path(sys.executable).parent / "pyinfra"
-    result = subprocess.run(
-        [str(pyinfra), "-y", "-vv", str(tmp_path / "inv.py"), str(tmp_path / "deploy.py")],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+        {"DEEPFLEET_API_KEY": SENTINEL, "DEEPFLEET_GATE": "off"},
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    text = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
-    assert SENTINEL not in text  # the key is uploaded, never printed
-    _LAST_OUTPUT[:] = [text]
-    commands = re.findall(r"^\[@fake/([\w-]+)\]\s+>>> (.*)$", text, re.M)
-    return [(h, c) for h, c in commands if c.startswith(_ROLLING)]
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert SENTINEL not in ran.text  # the key is uploaded, never printed
+    _LAST_OUTPUT[:] = [ran.text]
+    return [(h, c) for h, c in ran.commands if c.startswith(_ROLLING)]
 
 
 _LAST_OUTPUT: list[str] = []
